@@ -92,7 +92,11 @@ mod tests {
         assert_eq!(id.to_string().parse::<MachineId>().unwrap(), id);
         assert_eq!(id.short(), "abababab");
         assert!("xyz".parse::<MachineId>().is_err());
-        assert!("ABABABABABABABABABABABABABABABAB".parse::<MachineId>().is_err());
+        assert!(
+            "ABABABABABABABABABABABABABABABAB"
+                .parse::<MachineId>()
+                .is_err()
+        );
         let err = "nope".parse::<ServiceId>().unwrap_err().to_string();
         assert!(err.contains("service") && err.contains("nope"), "{err}");
     }

@@ -56,25 +56,41 @@ impl Subnet {
         if bits < 32 && index >= (1u32 << bits) {
             return None;
         }
-        let step = if prefix == 32 { 1 } else { 1u32 << (32 - prefix) };
+        let step = if prefix == 32 {
+            1
+        } else {
+            1u32 << (32 - prefix)
+        };
         let base = u32::from(self.addr).checked_add(index.checked_mul(step)?)?;
-        Some(Subnet { addr: Ipv4Addr::from(base), prefix })
+        Some(Subnet {
+            addr: Ipv4Addr::from(base),
+            prefix,
+        })
     }
 
     /// The address `host` inside this subnet (host 1 is the first usable one).
     pub fn host(&self, host: u32) -> Option<Ipv4Addr> {
-        let size = if self.prefix == 0 { u32::MAX } else { (1u32 << (32 - self.prefix)) - 1 };
+        let size = if self.prefix == 0 {
+            u32::MAX
+        } else {
+            (1u32 << (32 - self.prefix)) - 1
+        };
         (host <= size).then(|| Ipv4Addr::from(u32::from(self.addr) + host))
     }
 
     /// The host part of `ip` inside this subnet, if `ip` is inside it.
     pub fn host_index(&self, ip: Ipv4Addr) -> Option<u32> {
-        self.contains(ip).then(|| u32::from(ip) - u32::from(self.addr))
+        self.contains(ip)
+            .then(|| u32::from(ip) - u32::from(self.addr))
     }
 }
 
 fn mask(prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) }
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
 }
 
 impl fmt::Display for Subnet {
@@ -86,7 +102,9 @@ impl fmt::Display for Subnet {
 impl FromStr for Subnet {
     type Err = SubnetError;
     fn from_str(s: &str) -> Result<Self, SubnetError> {
-        let (a, p) = s.split_once('/').ok_or_else(|| SubnetError::Syntax(s.to_owned()))?;
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| SubnetError::Syntax(s.to_owned()))?;
         let addr: Ipv4Addr = a.parse().map_err(|_| SubnetError::Syntax(s.to_owned()))?;
         let prefix: u8 = p.parse().map_err(|_| SubnetError::Prefix(s.to_owned()))?;
         Subnet::new(addr, prefix)
@@ -126,9 +144,21 @@ mod tests {
     #[test]
     fn errors_name_the_input() {
         let e = "10.210.1.0/16".parse::<Subnet>().unwrap_err();
-        assert_eq!(e, SubnetError::HostBits("10.210.1.0/16".into(), "10.210.0.0/16".into()));
-        assert!(matches!("10.210.0.0".parse::<Subnet>(), Err(SubnetError::Syntax(_))));
-        assert!(matches!("10.210.0.0/40".parse::<Subnet>(), Err(SubnetError::Prefix(_))));
-        assert!(matches!("banana/8".parse::<Subnet>(), Err(SubnetError::Syntax(_))));
+        assert_eq!(
+            e,
+            SubnetError::HostBits("10.210.1.0/16".into(), "10.210.0.0/16".into())
+        );
+        assert!(matches!(
+            "10.210.0.0".parse::<Subnet>(),
+            Err(SubnetError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.210.0.0/40".parse::<Subnet>(),
+            Err(SubnetError::Prefix(_))
+        ));
+        assert!(matches!(
+            "banana/8".parse::<Subnet>(),
+            Err(SubnetError::Syntax(_))
+        ));
     }
 }

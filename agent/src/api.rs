@@ -1,0 +1,250 @@
+//! The local API (gRPC over a Unix socket in the data directory, mode 0660),
+//! used by `uc`. Commands that depend on the cluster state wait until this
+//! replica has caught up.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+use uc_crdt::MachineState;
+use uc_proto::ServiceId;
+use uc_proto::v1::api_server::Api;
+use uc_proto::v1::*;
+
+use crate::membership::GOSSIP_GARBAGE;
+use crate::node::{Liveness, Node, WriteError, now_ms};
+use crate::token;
+
+pub struct ApiService {
+    pub node: Arc<Node>,
+}
+
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+impl ApiService {
+    async fn ready(&self) -> Result<(), Status> {
+        if self.node.wait_ready(READY_WAIT).await {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "this machine is still catching up with the cluster; try again shortly",
+            ))
+        }
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut uc_crdt::ClusterState) -> Result<T, uc_crdt::Error>,
+    ) -> Result<T, Status> {
+        tokio::task::block_in_place(|| self.node.write(f)).map_err(|e| match e {
+            WriteError::Rejected(e) => match e {
+                uc_crdt::Error::NameTaken { .. } => Status::already_exists(e.to_string()),
+                _ => Status::failed_precondition(e.to_string()),
+            },
+            WriteError::Store(e) => Status::internal(e.to_string()),
+        })
+    }
+
+    fn machine_not_found(&self, name: &str) -> Status {
+        let names: Vec<String> = self.node.read(|doc| {
+            doc.machines()
+                .into_iter()
+                .filter(|m| m.state == MachineState::Active)
+                .map(|m| m.name)
+                .collect()
+        });
+        Status::not_found(format!(
+            "machine {name:?} not found; machines: {}",
+            names.join(", ")
+        ))
+    }
+}
+
+type HeadsStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadsEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Api for ApiService {
+    type WatchHeadsStream = HeadsStream;
+
+    async fn watch_heads(
+        &self,
+        _: Request<WatchHeadsRequest>,
+    ) -> Result<Response<HeadsStream>, Status> {
+        let rx = self.node.subscribe_heads();
+        let stream = tokio_stream::wrappers::WatchStream::new(rx)
+            .map(|heads_digest| Ok(HeadsEvent { heads_digest }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let n = &self.node;
+        let m = &n.metrics;
+        Ok(Response::new(StatusResponse {
+            machine_id: n.machine_id.to_string(),
+            machine_name: n
+                .read(|doc| doc.machine(&n.machine_id).map(|m| m.name))
+                .unwrap_or_default(),
+            cluster_id: n.cluster_id.clone(),
+            ready: n.is_ready(),
+            heads_digest: n.heads(),
+            gossip_garbage_dropped: GOSSIP_GARBAGE.load(Ordering::Relaxed),
+            sync_garbage_dropped: m.sync_garbage_dropped.load(Ordering::Relaxed),
+            gossip_datagrams_received: 0,
+            sync_sessions_ok: m.sync_sessions_ok.load(Ordering::Relaxed),
+            sync_sessions_failed: m.sync_sessions_failed.load(Ordering::Relaxed),
+            data_dir: n.config.data_dir.display().to_string(),
+        }))
+    }
+
+    async fn list_machines(
+        &self,
+        _: Request<ListMachinesRequest>,
+    ) -> Result<Response<ListMachinesResponse>, Status> {
+        self.ready().await?;
+        let n = &self.node;
+        let peers = n.peers();
+        let machines = n.read(|doc| doc.machines());
+        let now = now_ms();
+        let machines = machines
+            .into_iter()
+            .map(|m| {
+                let is_self = m.id == n.machine_id;
+                let (liveness, last_seen) = if is_self {
+                    ("self".to_string(), now)
+                } else if m.state == MachineState::Removed {
+                    ("removed".to_string(), 0)
+                } else {
+                    let p = peers.get(&m.id);
+                    (
+                        p.map(|p| p.liveness)
+                            .unwrap_or(Liveness::Unknown)
+                            .as_str()
+                            .to_string(),
+                        p.map(|p| p.last_seen_unix_ms).unwrap_or(0),
+                    )
+                };
+                MachineInfo {
+                    id: m.id.to_string(),
+                    name: m.name,
+                    subnet: m.subnet.to_string(),
+                    liveness,
+                    endpoints: m.endpoints,
+                    last_seen_unix_ms: last_seen,
+                    tags: m.tags.into_iter().collect(),
+                    public_key: m.public_key,
+                    state: match m.state {
+                        MachineState::Active => "active".into(),
+                        MachineState::Removed => "removed".into(),
+                    },
+                    is_self,
+                }
+            })
+            .collect();
+        Ok(Response::new(ListMachinesResponse { machines }))
+    }
+
+    async fn dump_state(
+        &self,
+        _: Request<DumpStateRequest>,
+    ) -> Result<Response<DumpStateResponse>, Status> {
+        self.ready().await?;
+        let json = self.node.read(|doc| doc.to_json());
+        Ok(Response::new(DumpStateResponse {
+            json: serde_json::to_string_pretty(&json)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        self.ready().await?;
+        let ttl = match request.into_inner().ttl_seconds {
+            0 => 600,
+            t if t > 24 * 3600 => {
+                return Err(Status::invalid_argument(
+                    "a join token may live at most 24 hours",
+                ));
+            }
+            t => t,
+        };
+        let token = token::generate().map_err(|e| Status::internal(e.to_string()))?;
+        let expires = now_ms() + ttl * 1000;
+        let hash = token::hash(&token);
+        self.write(|doc| doc.add_join_token(&hash, expires))?;
+        Ok(Response::new(CreateJoinTokenResponse {
+            token,
+            expires_unix_ms: expires,
+            peer_addresses: vec![self.node.config.peer_addr().to_string()],
+        }))
+    }
+
+    async fn put_service(
+        &self,
+        request: Request<PutServiceRequest>,
+    ) -> Result<Response<PutServiceResponse>, Status> {
+        self.ready().await?;
+        let r = request.into_inner();
+        crate::config::validate_name(&r.name)
+            .map_err(|e| Status::invalid_argument(e.replace("machine name", "service name")))?;
+        let spec: serde_json::Value = if r.spec_json.trim().is_empty() {
+            serde_json::json!({})
+        } else {
+            serde_json::from_str(&r.spec_json).map_err(|e| {
+                Status::invalid_argument(format!("service spec is not valid JSON: {e}"))
+            })?
+        };
+        if !spec.is_object() {
+            return Err(Status::invalid_argument(
+                "service spec must be a JSON object",
+            ));
+        }
+        let fresh = ServiceId::from_bytes(token::random16());
+        let svc = self.write(|doc| {
+            let id = doc.service_by_name(&r.name).map(|s| s.id).unwrap_or(fresh);
+            doc.put_service(id, &r.name, spec, now_ms())
+        })?;
+        Ok(Response::new(PutServiceResponse {
+            id: svc.id.to_string(),
+            name: svc.name,
+        }))
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<RemoveServiceRequest>,
+    ) -> Result<Response<RemoveServiceResponse>, Status> {
+        self.ready().await?;
+        let name = request.into_inner().name;
+        let id = self
+            .node
+            .read(|doc| doc.service_by_name(&name).map(|s| s.id))
+            .ok_or_else(|| Status::not_found(format!("service {name:?} not found")))?;
+        self.write(|doc| doc.remove_service(&id))?;
+        Ok(Response::new(RemoveServiceResponse { id: id.to_string() }))
+    }
+
+    async fn tag_machine(
+        &self,
+        request: Request<TagMachineRequest>,
+    ) -> Result<Response<TagMachineResponse>, Status> {
+        self.ready().await?;
+        let r = request.into_inner();
+        let id = self
+            .node
+            .read(|doc| doc.machine_by_name(&r.machine).map(|m| m.id))
+            .ok_or_else(|| self.machine_not_found(&r.machine))?;
+        if r.tag.is_empty() || !r.tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(Status::invalid_argument(format!(
+                "invalid tag {:?}: use letters, digits and '-'",
+                r.tag
+            )));
+        }
+        self.write(|doc| doc.set_machine_tag(&id, &r.tag, !r.remove))?;
+        Ok(Response::new(TagMachineResponse {}))
+    }
+}

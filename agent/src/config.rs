@@ -1,0 +1,329 @@
+//! The agent's configuration: command-line flags (with environment overlays)
+//! and an optional TOML file, checked as a whole by `validate`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+use uc_proto::Subnet;
+
+/// Command line of `ucd`.
+#[derive(Debug, Parser)]
+#[command(name = "ucd", version, about = "uc agent: one per machine, all equal")]
+pub struct Args {
+    /// Directory holding this machine's state, keys and API socket.
+    #[arg(long, env = "UCD_DATA_DIR", default_value = "/var/lib/uc")]
+    pub data_dir: PathBuf,
+    /// Optional TOML config file; flags given on the command line win over it.
+    #[arg(long, env = "UCD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Name of this machine in the cluster (default: the host name).
+    #[arg(long, env = "UCD_NAME")]
+    pub name: Option<String>,
+    /// Address other agents use to reach this one.
+    #[arg(long, env = "UCD_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<IpAddr>,
+    /// Address to bind the gossip and peer sockets to.
+    #[arg(long, env = "UCD_LISTEN_ADDR")]
+    pub listen_addr: Option<IpAddr>,
+    /// UDP port for gossip (the same on every machine of a cluster).
+    #[arg(long, env = "UCD_GOSSIP_PORT")]
+    pub gossip_port: Option<u16>,
+    /// TCP port for the peer API: state sync and joining.
+    #[arg(long, env = "UCD_PEER_PORT")]
+    pub peer_port: Option<u16>,
+    /// Gossip round interval in milliseconds.
+    #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
+    pub gossip_interval_ms: Option<u64>,
+    /// Endpoints this machine can be reached at (repeatable); default: the advertise address.
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// Tags of this machine, such as `ingress` (repeatable); used when it joins or starts a cluster.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Start a new cluster here (only when the data directory holds no state yet).
+    #[arg(long, conflicts_with = "join")]
+    pub init: bool,
+    /// Cluster network, with --init.
+    #[arg(long, default_value = "10.210.0.0/16", requires = "init")]
+    pub network: Subnet,
+    /// Join an existing cluster through this peer address (HOST:PORT of its peer API).
+    #[arg(long, requires = "token")]
+    pub join: Option<String>,
+    /// Join token made by `uc machine token` on a cluster machine.
+    #[arg(long, env = "UCD_JOIN_TOKEN", requires = "join")]
+    pub token: Option<String>,
+}
+
+/// What the TOML config file may hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    advertise_addr: Option<IpAddr>,
+    listen_addr: Option<IpAddr>,
+    gossip_port: Option<u16>,
+    peer_port: Option<u16>,
+    gossip_interval_ms: Option<u64>,
+    endpoints: Option<Vec<String>>,
+    tags: Option<Vec<String>>,
+}
+
+/// How the agent comes to be in a cluster when its data directory is empty.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// Only run from existing state.
+    Existing,
+    Init {
+        network: Subnet,
+    },
+    Join {
+        peer: String,
+        token: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub advertise_addr: IpAddr,
+    pub listen_addr: IpAddr,
+    pub gossip_port: u16,
+    pub peer_port: u16,
+    pub gossip_interval: Duration,
+    pub endpoints: Vec<String>,
+    pub tags: Vec<String>,
+    pub bootstrap: Bootstrap,
+    /// How long a restarted agent waits for a peer to sync with before it
+    /// serves the state it has (and says so in its log).
+    pub catch_up_timeout: Duration,
+}
+
+impl Config {
+    pub fn gossip_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.advertise_addr, self.gossip_port)
+    }
+    pub fn peer_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.advertise_addr, self.peer_port)
+    }
+    pub fn state_path(&self) -> PathBuf {
+        self.data_dir.join("state.redb")
+    }
+    pub fn api_socket_path(&self) -> PathBuf {
+        self.data_dir.join("api.sock")
+    }
+}
+
+impl Args {
+    /// Merges flags over the config file, then validates everything at once.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let name = self.name.or(file.name).unwrap_or_else(default_name);
+        let advertise_addr = self
+            .advertise_addr
+            .or(file.advertise_addr)
+            .or_else(first_non_loopback_ipv4);
+        let listen_addr = self
+            .listen_addr
+            .or(file.listen_addr)
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let mut endpoints = if self.endpoints.is_empty() {
+            file.endpoints.unwrap_or_default()
+        } else {
+            self.endpoints
+        };
+        let tags = if self.tags.is_empty() {
+            file.tags.unwrap_or_default()
+        } else {
+            self.tags
+        };
+        let bootstrap = match (self.init, self.join, self.token) {
+            (true, _, _) => Bootstrap::Init {
+                network: self.network,
+            },
+            (false, Some(peer), Some(token)) => Bootstrap::Join { peer, token },
+            _ => Bootstrap::Existing,
+        };
+
+        let mut problems = Vec::new();
+        if let Err(e) = validate_name(&name) {
+            problems.push(e);
+        }
+        let advertise_addr = match advertise_addr {
+            Some(a) if a.is_unspecified() => {
+                problems.push(format!(
+                    "--advertise-addr {a} is not an address peers can use"
+                ));
+                a
+            }
+            Some(a) => a,
+            None => {
+                problems.push(
+                    "no --advertise-addr given and no non-loopback IPv4 address found".into(),
+                );
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            }
+        };
+        if endpoints.is_empty() {
+            endpoints.push(advertise_addr.to_string());
+        }
+        for tag in &tags {
+            if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                problems.push(format!("invalid tag {tag:?}: use letters, digits and '-'"));
+            }
+        }
+        let gossip_interval = Duration::from_millis(
+            self.gossip_interval_ms
+                .or(file.gossip_interval_ms)
+                .unwrap_or(150),
+        );
+        if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(10)
+        {
+            problems.push(format!(
+                "gossip interval {} ms is out of range (10 to 10000)",
+                gossip_interval.as_millis()
+            ));
+        }
+        if !problems.is_empty() {
+            bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        }
+        Ok(Config {
+            data_dir: self.data_dir,
+            name,
+            advertise_addr,
+            listen_addr,
+            gossip_port: self
+                .gossip_port
+                .or(file.gossip_port)
+                .unwrap_or(uc_proto::DEFAULT_GOSSIP_PORT),
+            peer_port: self
+                .peer_port
+                .or(file.peer_port)
+                .unwrap_or(uc_proto::DEFAULT_PEER_PORT),
+            gossip_interval,
+            endpoints,
+            tags,
+            bootstrap,
+            catch_up_timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// Machine names become DNS labels (`<name>.machine.internal`).
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid machine name {name:?}: use 1 to 63 lower-case letters, digits and '-', not starting or ending with '-'"
+        ))
+    }
+}
+
+fn default_name() -> String {
+    let raw = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        "machine".into()
+    } else {
+        name
+    }
+}
+
+fn first_non_loopback_ipv4() -> Option<IpAddr> {
+    // Ask the kernel which source address it would use; no packet is sent.
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect("192.0.2.1:9").ok()?;
+    let ip = sock.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Config> {
+        let mut v = vec!["ucd"];
+        v.extend_from_slice(args);
+        Args::try_parse_from(v)?.into_config()
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let err = parse(&[
+            "--name",
+            "Bad_Name",
+            "--advertise-addr",
+            "0.0.0.0",
+            "--tag",
+            "no way",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("invalid machine name"), "{err}");
+        assert!(err.contains("not an address peers can use"), "{err}");
+        assert!(err.contains("invalid tag"), "{err}");
+    }
+
+    #[test]
+    fn defaults_and_bootstrap() {
+        let c = parse(&["--name", "a", "--advertise-addr", "172.31.0.10", "--init"]).unwrap();
+        assert_eq!(c.gossip_port, uc_proto::DEFAULT_GOSSIP_PORT);
+        assert_eq!(c.endpoints, vec!["172.31.0.10".to_string()]);
+        assert!(matches!(c.bootstrap, Bootstrap::Init { .. }));
+        let c = parse(&[
+            "--name",
+            "b",
+            "--advertise-addr",
+            "172.31.0.11",
+            "--join",
+            "172.31.0.10:51000",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        assert!(matches!(c.bootstrap, Bootstrap::Join { .. }));
+        assert!(
+            parse(&["--name", "b", "--join", "x:1"]).is_err(),
+            "--join needs --token"
+        );
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("ucd-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ucd.toml");
+        std::fs::write(&path, "name = \"a\"\nbogus = 1\n").unwrap();
+        let err = format!("{:#}", load_file(&path).unwrap_err());
+        assert!(err.contains("bogus") && err.contains("ucd.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,298 @@
+//! The uc agent (`ucd`): brings this machine into a cluster (new, joined, or
+//! from its stored state), then runs gossip membership, state replication,
+//! the peer API and the local API until it is told to stop.
+
+pub mod api;
+pub mod config;
+pub mod membership;
+pub mod node;
+pub mod peer;
+pub mod replicator;
+pub mod store;
+pub mod token;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use uc_crdt::{ClusterState, NewMachine};
+use uc_proto::MachineId;
+use uc_proto::v1::JoinRequest;
+use uc_proto::v1::api_server::ApiServer;
+use uc_proto::v1::peer_server::PeerServer;
+
+use crate::config::{Bootstrap, Config};
+use crate::node::{Node, now_ms};
+use crate::store::Store;
+
+/// Installs the log subscriber (stderr, `RUST_LOG` or a quiet default) and
+/// the counter of garbage gossip datagrams.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,chitchat=error,h2=warn,hyper=warn,tower=warn")
+    });
+    let counter =
+        membership::GarbageCounter.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            m.target().starts_with("chitchat") && *m.level() == tracing::Level::WARN
+        }));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter(filter),
+        )
+        .with(counter)
+        .init();
+}
+
+/// Reads this machine's id from the data directory, creating it once.
+fn machine_id(data_dir: &Path) -> anyhow::Result<MachineId> {
+    let path = data_dir.join("machine-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = MachineId::from_bytes(token::random16());
+            let tmp = data_dir.join("machine-id.tmp");
+            std::fs::write(&tmp, format!("{id}\n"))
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Opens the stored state, or creates it by starting or joining a cluster.
+/// Returns the node's pieces and whether it is caught up already.
+async fn bootstrap(
+    config: &Config,
+    id: &MachineId,
+    actor: [u8; 16],
+) -> anyhow::Result<(ClusterState, Store, bool, Vec<String>)> {
+    let path = config.state_path();
+    if Store::exists(&path) {
+        if !matches!(config.bootstrap, Bootstrap::Existing) {
+            tracing::info!(path = %path.display(), "state exists; ignoring --init/--join");
+        }
+        let (store, doc) = Store::open(&path, actor)?;
+        return Ok((doc, store, false, vec![]));
+    }
+    match &config.bootstrap {
+        Bootstrap::Existing => bail!(
+            "no cluster state in {}: start with --init to create a cluster, or --join PEER --token TOKEN to join one",
+            config.data_dir.display()
+        ),
+        Bootstrap::Init { network } => {
+            let cluster_id = hex::encode(token::random16());
+            let now = now_ms();
+            let mut doc = ClusterState::new_cluster(&cluster_id, *network, actor, now)?;
+            let me = doc.add_machine(
+                NewMachine {
+                    id: id.clone(),
+                    name: config.name.clone(),
+                    public_key: String::new(),
+                    endpoints: config.endpoints.clone(),
+                    tags: config.tags.iter().cloned().collect(),
+                },
+                now,
+            )?;
+            let store = Store::create(&path, &mut doc)?;
+            tracing::info!(cluster = %cluster_id, network = %network, subnet = %me.subnet, "created a new cluster");
+            Ok((doc, store, true, vec![]))
+        }
+        Bootstrap::Join { peer, token } => {
+            let response = peer::join(
+                peer,
+                JoinRequest {
+                    token: token.clone(),
+                    machine_id: id.to_string(),
+                    name: config.name.clone(),
+                    endpoints: config.endpoints.clone(),
+                    public_key: String::new(),
+                    tags: config.tags.clone(),
+                },
+            )
+            .await
+            .with_context(|| format!("joining the cluster through {peer}"))?;
+            let mut doc = ClusterState::load(&response.document, actor)
+                .context("the peer sent a cluster document that does not load")?;
+            if doc.machine(id).is_none() {
+                bail!("the peer's document does not contain this machine; refusing to start");
+            }
+            let store = Store::create(&path, &mut doc)?;
+            tracing::info!(cluster = %response.cluster_id, subnet = %response.subnet, name = %response.name, "joined the cluster");
+            let host = peer.rsplit_once(':').map(|(h, _)| h).unwrap_or(peer);
+            Ok((
+                doc,
+                store,
+                true,
+                vec![membership::host_port(
+                    host.trim_matches(['[', ']']),
+                    config.gossip_port,
+                )],
+            ))
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let id = machine_id(&config.data_dir)?;
+    let actor = token::random16();
+    // Take every port before touching the cluster, so a taken port fails
+    // the start before this machine joins anything.
+    let peer_listener = TcpListener::bind((config.listen_addr, config.peer_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding the peer API on {}:{}/tcp",
+                config.listen_addr, config.peer_port
+            )
+        })?;
+    // chitchat binds its own UDP socket; check now that it will be able to.
+    drop(
+        std::net::UdpSocket::bind((config.listen_addr, config.gossip_port)).with_context(|| {
+            format!(
+                "binding gossip on {}:{}/udp",
+                config.listen_addr, config.gossip_port
+            )
+        })?,
+    );
+    let api_path = config.api_socket_path();
+    let api_listener = bind_api_socket(&api_path)?;
+    let (doc, store, ready, extra_seeds) = match bootstrap(&config, &id, actor).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&api_path);
+            return Err(e);
+        }
+    };
+    let shutdown = CancellationToken::new();
+
+    let node = Arc::new(Node::new(config.clone(), id.clone(), doc, store, ready));
+    // Keep what this machine says of itself current.
+    let (endpoints, tags_missing) = node.read(|doc| {
+        let me = doc.machine(&id);
+        (
+            me.as_ref().map(|m| m.endpoints.clone()),
+            me.map(|m| {
+                config
+                    .tags
+                    .iter()
+                    .filter(|t| !m.tags.contains(*t))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+        )
+    });
+    if endpoints.as_ref() != Some(&config.endpoints) {
+        node.write(|doc| doc.set_machine_endpoints(&id, config.endpoints.clone()))?;
+    }
+    for tag in tags_missing {
+        node.write(|doc| doc.set_machine_tag(&id, &tag, true))?;
+    }
+
+    let tracker = TaskTracker::new();
+    let membership =
+        membership::start(node.clone(), extra_seeds, &tracker, shutdown.clone()).await?;
+    replicator::spawn(node.clone(), &tracker, shutdown.clone());
+
+    let peer_service = PeerServer::new(peer::PeerService { node: node.clone() })
+        .max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stop.cancelled())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "peer API stopped");
+        }
+    });
+    let api_service = ApiServer::new(api::ApiService { node: node.clone() });
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(api_service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(api_listener), stop.cancelled())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "local API stopped");
+        }
+    });
+    tracker.close();
+    tracing::info!(
+        machine = %id,
+        name = %config.name,
+        gossip = %config.gossip_addr(),
+        peer = %config.peer_addr(),
+        api = %api_path.display(),
+        "agent running"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    membership.shutdown().await;
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 5 s");
+    }
+    let _ = std::fs::remove_file(&api_path);
+    Ok(())
+}
+
+fn bind_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+        } else {
+            bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the local API on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting permissions of {}", path.display()))?;
+    if let Ok(Some(group)) = nix::unistd::Group::from_name("uc") {
+        nix::unistd::chown(path, None, Some(group.gid))
+            .with_context(|| format!("giving {} to group uc", path.display()))?;
+    }
+    Ok(listener)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

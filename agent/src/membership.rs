@@ -1,0 +1,247 @@
+//! Gossip membership (chitchat over UDP): announces this machine's small
+//! facts (state heads digest, peer address, endpoints, load) and turns the
+//! failure detector's view into live / suspect / dead per machine.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use chitchat::transport::UdpTransport;
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+    spawn_chitchat,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uc_proto::MachineId;
+
+use crate::node::{Liveness, Node, PeerInfo, now_ms};
+
+/// Gossip keys. Values stay short: every datagram carries them.
+pub const KEY_HEADS: &str = "heads";
+pub const KEY_PEER_ADDR: &str = "peer";
+pub const KEY_ENDPOINTS: &str = "ep";
+pub const KEY_LOAD: &str = "load";
+
+/// Datagrams on the gossip port that chitchat could not decode. chitchat
+/// drops them inside its transport and only logs; `GarbageCounter` (a
+/// tracing layer installed by `init_tracing`) counts those log events.
+pub static GOSSIP_GARBAGE: AtomicU64 = AtomicU64::new(0);
+
+/// Counts chitchat's "invalid payload" events.
+pub struct GarbageCounter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for GarbageCounter {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let meta = event.metadata();
+        if meta.target().starts_with("chitchat") && *meta.level() == tracing::Level::WARN {
+            struct Find(bool);
+            impl tracing::field::Visit for Find {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "message"
+                        && format!("{value:?}").contains("invalid-chitchat-payload")
+                    {
+                        self.0 = true;
+                    }
+                }
+            }
+            let mut f = Find(false);
+            event.record(&mut f);
+            if f.0 {
+                GOSSIP_GARBAGE.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+pub struct Membership {
+    handle: ChitchatHandle,
+}
+
+impl Membership {
+    pub async fn shutdown(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            tracing::warn!(error = %e, "gossip did not shut down cleanly");
+        }
+    }
+}
+
+/// Starts gossip and the tasks that keep `node`'s view of its peers fresh.
+pub async fn start(
+    node: Arc<Node>,
+    extra_seeds: Vec<String>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Membership> {
+    let cfg = &node.config;
+    let gossip_interval = cfg.gossip_interval;
+    let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), cfg.gossip_addr());
+    let mut seeds: Vec<String> = node.read(|doc| {
+        doc.machines()
+            .into_iter()
+            .filter(|m| m.id != node.machine_id && m.state == uc_crdt::MachineState::Active)
+            .filter_map(|m| m.endpoints.first().cloned())
+            .map(|ep| host_port(&ep, cfg.gossip_port))
+            .collect()
+    });
+    seeds.extend(extra_seeds);
+    seeds.sort();
+    seeds.dedup();
+    let config = ChitchatConfig {
+        chitchat_id,
+        cluster_id: node.cluster_id.clone(),
+        gossip_interval,
+        listen_addr: SocketAddr::new(cfg.listen_addr, cfg.gossip_port),
+        seed_nodes: seeds,
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: 8.0,
+            sampling_window_size: 1000,
+            max_interval: Duration::from_secs(10),
+            initial_interval: gossip_interval,
+            dead_node_grace_period: Duration::from_secs(24 * 3600),
+        },
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V0,
+    };
+    let kvs = vec![
+        (KEY_HEADS.to_string(), node.heads()),
+        (KEY_PEER_ADDR.to_string(), cfg.peer_addr().to_string()),
+        (KEY_ENDPOINTS.to_string(), cfg.endpoints.join(",")),
+        (KEY_LOAD.to_string(), load_average()),
+    ];
+    let handle = spawn_chitchat(config, kvs, &UdpTransport)
+        .await
+        .with_context(|| {
+            format!(
+                "starting gossip on {}:{}/udp",
+                cfg.listen_addr, cfg.gossip_port
+            )
+        })?;
+
+    // Publish the heads digest whenever the document changes.
+    let chitchat = handle.chitchat();
+    let mut heads_rx = node.subscribe_heads();
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut load_tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = heads_rx.changed() => {
+                    if changed.is_err() { break; }
+                    let heads = heads_rx.borrow_and_update().clone();
+                    chitchat.lock().await.self_node_state().set(KEY_HEADS, heads);
+                }
+                _ = load_tick.tick() => {
+                    chitchat.lock().await.self_node_state().set(KEY_LOAD, load_average());
+                }
+            }
+        }
+    });
+
+    // Turn chitchat's view into per-machine liveness, ten times a gossip round.
+    let chitchat = handle.chitchat();
+    let self_id = handle.chitchat_id().clone();
+    tracker.spawn(async move {
+        let mut seen: HashMap<ChitchatId, (u64, Instant, u64)> = HashMap::new();
+        let mut tick = tokio::time::interval((gossip_interval / 2).max(Duration::from_millis(20)));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let mut peers: HashMap<MachineId, (u64, PeerInfo)> = HashMap::new();
+            {
+                let g = chitchat.lock().await;
+                let live: std::collections::HashSet<&ChitchatId> = g.live_nodes().collect();
+                for (id, state) in g.node_states() {
+                    if *id == self_id {
+                        continue;
+                    }
+                    let Ok(machine) = id.node_id.parse::<MachineId>() else {
+                        continue;
+                    };
+                    let hb = u64::from(state.heartbeat());
+                    let entry = seen.entry(id.clone()).or_insert((hb, now, now_ms()));
+                    if entry.0 != hb {
+                        *entry = (hb, now, now_ms());
+                    }
+                    let since = now.duration_since(entry.1);
+                    let liveness = if live.contains(id) {
+                        let timeout = g
+                            .failure_detection_timeout(id)
+                            .unwrap_or(gossip_interval * 8);
+                        if since > timeout / 2 {
+                            Liveness::Suspect
+                        } else {
+                            Liveness::Live
+                        }
+                    } else {
+                        Liveness::Dead
+                    };
+                    let info = PeerInfo {
+                        liveness,
+                        last_seen_unix_ms: entry.2,
+                        peer_addr: state.get(KEY_PEER_ADDR).and_then(|a| a.parse().ok()),
+                        heads: state.get(KEY_HEADS).map(str::to_string),
+                    };
+                    // A restarted machine has a newer generation: it wins.
+                    match peers.get(&machine) {
+                        Some((gen_id, _)) if *gen_id > id.generation_id => {}
+                        _ => {
+                            peers.insert(machine, (id.generation_id, info));
+                        }
+                    }
+                }
+            }
+            node.set_peers(peers.into_iter().map(|(k, (_, v))| (k, v)).collect());
+        }
+    });
+    Ok(Membership { handle })
+}
+
+/// `ep` with `port` added unless it already names one.
+pub fn host_port(ep: &str, port: u16) -> String {
+    if ep.parse::<SocketAddr>().is_ok() {
+        ep.to_string()
+    } else if ep.contains(':') && !ep.starts_with('[') {
+        format!("[{ep}]:{port}")
+    } else {
+        format!("{ep}:{port}")
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(host_port("172.31.0.10", 51001), "172.31.0.10:51001");
+        assert_eq!(host_port("172.31.0.10:7", 51001), "172.31.0.10:7");
+        assert_eq!(host_port("fd00::1", 51001), "[fd00::1]:51001");
+        assert_eq!(host_port("pi.lan", 51001), "pi.lan:51001");
+    }
+}

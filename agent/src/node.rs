@@ -1,0 +1,239 @@
+//! The agent's shared core: this machine's identity, its replica of the
+//! cluster document with the store that makes writes durable, and what
+//! membership currently knows about the other machines.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use uc_crdt::ClusterState;
+use uc_proto::MachineId;
+
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+
+/// What failure detection says of a machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Live,
+    Suspect,
+    Dead,
+    /// Never seen in gossip since this agent started.
+    Unknown,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Live => "live",
+            Liveness::Suspect => "suspect",
+            Liveness::Dead => "dead",
+            Liveness::Unknown => "unknown",
+        }
+    }
+}
+
+/// What gossip tells about one peer.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub liveness: Liveness,
+    pub last_seen_unix_ms: u64,
+    pub peer_addr: Option<SocketAddr>,
+    pub heads: Option<String>,
+}
+
+/// Counters shown by `uc status`.
+#[derive(Default, Debug)]
+pub struct Metrics {
+    pub gossip_garbage_dropped: AtomicU64,
+    pub sync_garbage_dropped: AtomicU64,
+    pub sync_sessions_ok: AtomicU64,
+    pub sync_sessions_failed: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A write that did not happen, or happened only in memory.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Rejected(#[from] uc_crdt::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Replica {
+    doc: ClusterState,
+    store: Store,
+}
+
+/// Shared by every task of the agent.
+pub struct Node {
+    pub config: Config,
+    pub machine_id: MachineId,
+    pub cluster_id: String,
+    replica: Mutex<Replica>,
+    /// The heads digest after every change of the document, local or remote.
+    heads_tx: watch::Sender<String>,
+    /// Bumped on every local write, so the replicator pushes at once.
+    local_write_tx: watch::Sender<u64>,
+    ready_tx: watch::Sender<bool>,
+    peers: RwLock<HashMap<MachineId, PeerInfo>>,
+    pub metrics: Metrics,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    pub fn new(
+        config: Config,
+        machine_id: MachineId,
+        mut doc: ClusterState,
+        store: Store,
+        ready: bool,
+    ) -> Node {
+        let cluster_id = doc.cluster_id();
+        let (heads_tx, _) = watch::channel(doc.heads_digest());
+        let (local_write_tx, _) = watch::channel(0);
+        let (ready_tx, _) = watch::channel(ready);
+        Node {
+            config,
+            machine_id,
+            cluster_id,
+            replica: Mutex::new(Replica { doc, store }),
+            heads_tx,
+            local_write_tx,
+            ready_tx,
+            peers: RwLock::new(HashMap::new()),
+            metrics: Metrics::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Replica> {
+        self.replica.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the document.
+    pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&self.lock().doc)
+    }
+
+    /// The digest of the document's heads (cheap; cached).
+    pub fn heads(&self) -> String {
+        self.heads_tx.borrow().clone()
+    }
+
+    pub fn subscribe_heads(&self) -> watch::Receiver<String> {
+        self.heads_tx.subscribe()
+    }
+
+    pub fn subscribe_local_writes(&self) -> watch::Receiver<u64> {
+        self.local_write_tx.subscribe()
+    }
+
+    /// A local write: mutate, settle conflicts, persist, and only then return.
+    /// The document lock is held until the change is on disk, so changes
+    /// reach disk in the order they were made and a synced-out change is
+    /// always already durable here.
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&mut ClusterState) -> Result<T, uc_crdt::Error>,
+    ) -> Result<T, WriteError> {
+        let out = {
+            let mut r = self.lock();
+            let Replica { doc, store } = &mut *r;
+            let out = f(doc);
+            if out.is_ok() {
+                for fix in doc.resolve_conflicts() {
+                    tracing::info!(?fix, "settled a conflict");
+                }
+            }
+            // Persist even when `f` failed part-way: whatever it committed
+            // in memory must reach disk too, or memory and disk would part.
+            store.persist(doc)?;
+            if self.publish_heads(doc) {
+                self.local_write_tx.send_modify(|n| *n += 1);
+            }
+            out?
+        };
+        Ok(out)
+    }
+
+    /// Runs one step of a sync session against this replica, persisting what
+    /// it received before anything is sent back.
+    pub fn sync_step(
+        &self,
+        peer: &mut uc_crdt::PeerSync,
+        incoming: Option<&[u8]>,
+    ) -> Result<Option<Vec<u8>>, WriteError> {
+        let mut r = self.lock();
+        let Replica { doc, store } = &mut *r;
+        if let Some(msg) = incoming
+            && doc.receive_sync_message(peer, msg)?
+        {
+            for fix in doc.resolve_conflicts() {
+                tracing::info!(?fix, "settled a conflict");
+            }
+            store.persist(doc)?;
+            self.publish_heads(doc);
+        }
+        Ok(doc.generate_sync_message(peer))
+    }
+
+    /// Announces the document's heads digest if it changed; true if it did.
+    fn publish_heads(&self, doc: &mut ClusterState) -> bool {
+        let heads = doc.heads_digest();
+        self.heads_tx.send_if_modified(|h| {
+            if *h == heads {
+                false
+            } else {
+                *h = heads;
+                true
+            }
+        })
+    }
+
+    /// The whole document, for a joiner.
+    pub fn save_document(&self) -> Vec<u8> {
+        self.lock().doc.save()
+    }
+
+    pub fn set_ready(&self) {
+        if !*self.ready_tx.borrow() {
+            tracing::info!("caught up with the cluster; serving state");
+            self.ready_tx.send_replace(true);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready_tx.borrow()
+    }
+
+    /// Waits until this replica has caught up, at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.ready_tx.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r))
+            .await
+            .is_ok()
+    }
+
+    pub fn set_peers(&self, peers: HashMap<MachineId, PeerInfo>) {
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    pub fn peers(&self) -> HashMap<MachineId, PeerInfo> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,216 @@
+//! The peer API between agents (gRPC over TCP): automerge sync sessions and
+//! joining. Server side here; `sync_session` and `join` are the client side.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use uc_crdt::{MachineState, NewMachine, PeerSync};
+use uc_proto::MachineId;
+use uc_proto::v1::peer_client::PeerClient;
+use uc_proto::v1::peer_server::Peer;
+use uc_proto::v1::{JoinRequest, JoinResponse, SyncFrame};
+
+use crate::node::{Metrics, Node, WriteError, now_ms};
+use crate::token;
+
+/// Rounds after which a sync session is abandoned (each round is one
+/// message each way; automerge needs a handful).
+const MAX_ROUNDS: usize = 64;
+
+pub struct PeerService {
+    pub node: Arc<Node>,
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<SyncFrame, Status>> + Send>>;
+
+fn write_status(e: WriteError) -> Status {
+    match e {
+        WriteError::Rejected(e) => Status::failed_precondition(e.to_string()),
+        WriteError::Store(e) => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type SyncStream = FrameStream;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<SyncFrame>>,
+    ) -> Result<Response<FrameStream>, Status> {
+        let node = self.node.clone();
+        let remote = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut peer = PeerSync::new();
+            for _ in 0..MAX_ROUNDS {
+                let frame = match inbound.message().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return,
+                    Err(status) => {
+                        // Undecodable frames land here: count and drop.
+                        Metrics::inc(&node.metrics.sync_garbage_dropped);
+                        tracing::debug!(?remote, %status, "sync stream broken");
+                        return;
+                    }
+                };
+                if frame.cluster_id != node.cluster_id {
+                    Metrics::inc(&node.metrics.sync_garbage_dropped);
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "this machine belongs to cluster {}, not {:?}",
+                            node.cluster_id, frame.cluster_id
+                        ))))
+                        .await;
+                    return;
+                }
+                let incoming = (!frame.message.is_empty()).then_some(frame.message.as_slice());
+                let step = tokio::task::block_in_place(|| node.sync_step(&mut peer, incoming));
+                let reply = match step {
+                    Ok(out) => Ok(SyncFrame {
+                        cluster_id: node.cluster_id.clone(),
+                        from_machine: node.machine_id.to_string(),
+                        message: out.unwrap_or_default(),
+                    }),
+                    Err(WriteError::Rejected(e)) => {
+                        Metrics::inc(&node.metrics.sync_garbage_dropped);
+                        tracing::warn!(?remote, error = %e, "dropped a malformed sync message");
+                        Err(Status::invalid_argument(format!(
+                            "malformed sync message: {e}"
+                        )))
+                    }
+                    Err(e) => Err(write_status(e)),
+                };
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let node = &self.node;
+        let remote = request.remote_addr();
+        let r = request.into_inner();
+        let id: MachineId = r
+            .machine_id
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("{e}")))?;
+        crate::config::validate_name(&r.name).map_err(Status::invalid_argument)?;
+        if !node.wait_ready(Duration::from_secs(5)).await {
+            return Err(Status::unavailable(
+                "this machine is still catching up with the cluster; try again shortly",
+            ));
+        }
+        let hash = token::hash(&r.token);
+        let now = now_ms();
+        let name = r.name.clone();
+        let result = tokio::task::block_in_place(|| {
+            node.write(|doc| {
+                if let Some(other) = doc.machine_by_name(&name)
+                    && other.id != id
+                {
+                    return Err(uc_crdt::Error::NameTaken {
+                        kind: "machine",
+                        name: name.clone(),
+                        by: other.id.to_string(),
+                    });
+                }
+                doc.consume_join_token(&hash, now)?;
+                match doc.machine(&id) {
+                    Some(m) if m.state == MachineState::Active => Ok(m),
+                    Some(_) => Err(uc_crdt::Error::MachineRemoved(id.clone())),
+                    None => doc.add_machine(
+                        NewMachine {
+                            id: id.clone(),
+                            name: name.clone(),
+                            public_key: r.public_key.clone(),
+                            endpoints: r.endpoints.clone(),
+                            tags: r.tags.iter().cloned().collect(),
+                        },
+                        now,
+                    ),
+                }
+            })
+        });
+        let machine = match result {
+            Ok(m) => m,
+            Err(WriteError::Rejected(e @ uc_crdt::Error::JoinToken { .. })) => {
+                tracing::warn!(?remote, machine = %id, "join refused: {e}");
+                return Err(Status::permission_denied(format!("join refused: {e}")));
+            }
+            Err(WriteError::Rejected(e)) => {
+                tracing::warn!(?remote, machine = %id, "join refused: {e}");
+                return Err(Status::failed_precondition(format!("join refused: {e}")));
+            }
+            Err(e) => return Err(write_status(e)),
+        };
+        tracing::info!(machine = %id, name = %machine.name, subnet = %machine.subnet, "machine joined");
+        Ok(Response::new(JoinResponse {
+            cluster_id: node.cluster_id.clone(),
+            document: node.save_document(),
+            subnet: machine.subnet.to_string(),
+            name: machine.name,
+        }))
+    }
+}
+
+/// A lazily connected client for a peer's API.
+pub fn client(addr: &str) -> anyhow::Result<PeerClient<Channel>> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(PeerClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES))
+}
+
+/// Runs one sync session with a peer until neither side has anything to send.
+pub async fn sync_session(node: &Node, client: &mut PeerClient<Channel>) -> anyhow::Result<()> {
+    let frame = |message: Option<Vec<u8>>| SyncFrame {
+        cluster_id: node.cluster_id.clone(),
+        from_machine: node.machine_id.to_string(),
+        message: message.unwrap_or_default(),
+    };
+    let mut peer = PeerSync::new();
+    let first = tokio::task::block_in_place(|| node.sync_step(&mut peer, None))?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(frame(first)).await?;
+    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+    for _ in 0..MAX_ROUNDS {
+        let reply = inbound
+            .message()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("peer closed the sync session early"))?;
+        let incoming = (!reply.message.is_empty()).then_some(reply.message.as_slice());
+        let out = tokio::task::block_in_place(|| node.sync_step(&mut peer, incoming))?;
+        if out.is_none() && incoming.is_none() {
+            return Ok(());
+        }
+        tx.send(frame(out)).await?;
+    }
+    anyhow::bail!("sync session did not settle after {MAX_ROUNDS} rounds")
+}
+
+/// Asks `peer` to let this machine join; returns the response with the document.
+pub async fn join(peer: &str, request: JoinRequest) -> anyhow::Result<JoinResponse> {
+    let mut c = client(peer)?;
+    match c.join(request).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {
+            anyhow::bail!("cannot reach {peer}: {}", s.message())
+        }
+        Err(s) => anyhow::bail!("{}", s.message()),
+    }
+}

@@ -1,0 +1,192 @@
+//! Durable storage of the cluster document in redb: a snapshot plus the
+//! incremental changes appended since, each write committed before it is
+//! acknowledged.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use uc_crdt::ClusterState;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+const SNAPSHOT_KEY: &str = "snapshot";
+const FORMAT_KEY: &str = "format";
+const FORMAT: &[u8] = b"uc-state-v1";
+/// After this many appended chunks the store rewrites one snapshot.
+const COMPACT_AFTER: u64 = 512;
+
+/// Errors of the state store; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "opening state file {path}: {source}; the file was left untouched: move it away to start over, or restore a backup"
+    )]
+    Open {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "state file {path} is not a uc state file or is damaged ({detail}); the file was left untouched"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("writing state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The redb-backed store of one agent.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    next_seq: u64,
+    chunks: u64,
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+impl Store {
+    /// True when `path` holds a state file (it may still be unreadable).
+    pub fn exists(path: &Path) -> bool {
+        path.exists()
+    }
+
+    /// Creates a new store holding `doc`. Fails if the file already exists.
+    pub fn create(path: &Path, doc: &mut ClusterState) -> Result<Store, StoreError> {
+        if path.exists() {
+            return Err(StoreError::Open {
+                path: path.into(),
+                source: "a state file already exists there".into(),
+            });
+        }
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.into(),
+            source: boxed(e),
+        })?;
+        let mut store = Store {
+            db,
+            path: path.into(),
+            next_seq: 0,
+            chunks: 0,
+        };
+        store.write_snapshot(doc)?;
+        Ok(store)
+    }
+
+    /// Opens an existing store and loads the document, with `actor` as this
+    /// process's automerge actor.
+    pub fn open(path: &Path, actor: [u8; 16]) -> Result<(Store, ClusterState), StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Open {
+                path: path.into(),
+                source: "no such file".into(),
+            });
+        }
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.into(),
+            detail,
+        };
+        let db = Database::open(path).map_err(|e| match e {
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(d)) => corrupt(d),
+            other => StoreError::Open {
+                path: path.into(),
+                source: boxed(other),
+            },
+        })?;
+        let read = db.begin_read().map_err(|e| corrupt(e.to_string()))?;
+        let meta = read
+            .open_table(META)
+            .map_err(|e| corrupt(format!("no metadata table: {e}")))?;
+        let format = meta.get(FORMAT_KEY).map_err(|e| corrupt(e.to_string()))?;
+        if format.as_ref().map(|v| v.value()) != Some(FORMAT) {
+            return Err(corrupt("unknown format marker".into()));
+        }
+        let snapshot = meta
+            .get(SNAPSHOT_KEY)
+            .map_err(|e| corrupt(e.to_string()))?
+            .ok_or_else(|| corrupt("no snapshot".into()))?;
+        let mut doc = ClusterState::load(snapshot.value(), actor)
+            .map_err(|e| corrupt(format!("cluster document does not load: {e}")))?;
+        let changes = read
+            .open_table(CHANGES)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mut next_seq = 0;
+        let mut chunks = 0;
+        for entry in changes.iter().map_err(|e| corrupt(e.to_string()))? {
+            let (k, v) = entry.map_err(|e| corrupt(e.to_string()))?;
+            doc.load_incremental(v.value())
+                .map_err(|e| corrupt(format!("change {} does not load: {e}", k.value())))?;
+            next_seq = k.value() + 1;
+            chunks += 1;
+        }
+        drop((meta, changes, read));
+        Ok((
+            Store {
+                db,
+                path: path.into(),
+                next_seq,
+                chunks,
+            },
+            doc,
+        ))
+    }
+
+    /// Durably appends the document's changes since the last save. Returns
+    /// once they are committed to disk; only then may a write be acknowledged.
+    pub fn persist(&mut self, doc: &mut ClusterState) -> Result<(), StoreError> {
+        if self.chunks >= COMPACT_AFTER {
+            return self.write_snapshot(doc);
+        }
+        let bytes = doc.save_incremental();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let w = |e: &dyn std::fmt::Display| StoreError::Write {
+            path: self.path.clone(),
+            source: e.to_string().into(),
+        };
+        let txn = self.db.begin_write().map_err(|e| w(&e))?;
+        {
+            let mut t = txn.open_table(CHANGES).map_err(|e| w(&e))?;
+            t.insert(self.next_seq, bytes.as_slice())
+                .map_err(|e| w(&e))?;
+        }
+        txn.commit().map_err(|e| w(&e))?;
+        self.next_seq += 1;
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// Rewrites the whole document as one snapshot and drops the appended
+    /// changes, in one transaction.
+    pub fn write_snapshot(&mut self, doc: &mut ClusterState) -> Result<(), StoreError> {
+        let bytes = doc.save();
+        let w = |e: &dyn std::fmt::Display| StoreError::Write {
+            path: self.path.clone(),
+            source: e.to_string().into(),
+        };
+        let txn = self.db.begin_write().map_err(|e| w(&e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| w(&e))?;
+            meta.insert(FORMAT_KEY, FORMAT).map_err(|e| w(&e))?;
+            meta.insert(SNAPSHOT_KEY, bytes.as_slice())
+                .map_err(|e| w(&e))?;
+            let mut changes = txn.open_table(CHANGES).map_err(|e| w(&e))?;
+            if changes.len().map_err(|e| w(&e))? > 0 {
+                changes.retain(|_, _| false).map_err(|e| w(&e))?;
+            }
+        }
+        txn.commit().map_err(|e| w(&e))?;
+        self.chunks = 0;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,161 @@
+//! Renders API answers as tables for people or JSON for programs.
+
+use uc_proto::v1::{CreateJoinTokenResponse, MachineInfo, StatusResponse};
+
+fn ago(unix_ms: u64) -> String {
+    if unix_ms == 0 {
+        return "never".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let s = now.saturating_sub(unix_ms) / 1000;
+    match s {
+        0 => "now".into(),
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
+}
+
+/// Prints rows as aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:w$}", c, w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
+    if json {
+        let v: Vec<serde_json::Value> = ms
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id, "name": m.name, "subnet": m.subnet, "liveness": m.liveness,
+                    "endpoints": m.endpoints, "last_seen_unix_ms": m.last_seen_unix_ms,
+                    "tags": m.tags, "state": m.state, "is_self": m.is_self, "public_key": m.public_key,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows = ms
+        .iter()
+        .filter(|m| m.state != "removed")
+        .map(|m| {
+            vec![
+                if m.is_self {
+                    format!("{} *", m.name)
+                } else {
+                    m.name.clone()
+                },
+                m.subnet.clone(),
+                if m.is_self {
+                    "live".into()
+                } else {
+                    m.liveness.clone()
+                },
+                m.endpoints.join(","),
+                if m.is_self {
+                    "-".into()
+                } else {
+                    ago(m.last_seen_unix_ms)
+                },
+                m.tags.join(","),
+                m.id[..8.min(m.id.len())].to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "SUBNET",
+            "STATE",
+            "ENDPOINTS",
+            "LAST SEEN",
+            "TAGS",
+            "ID",
+        ],
+        rows,
+    );
+    Ok(())
+}
+
+pub fn status(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "machine_id": s.machine_id, "machine_name": s.machine_name, "cluster_id": s.cluster_id,
+                "ready": s.ready, "heads_digest": s.heads_digest,
+                "gossip_garbage_dropped": s.gossip_garbage_dropped, "sync_garbage_dropped": s.sync_garbage_dropped,
+                "sync_sessions_ok": s.sync_sessions_ok, "sync_sessions_failed": s.sync_sessions_failed,
+                "data_dir": s.data_dir,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("machine:   {} ({})", s.machine_name, s.machine_id);
+    println!("cluster:   {}", s.cluster_id);
+    println!(
+        "state:     {} (heads {})",
+        if s.ready { "caught up" } else { "catching up" },
+        s.heads_digest
+    );
+    println!(
+        "sync:      {} sessions ok, {} failed",
+        s.sync_sessions_ok, s.sync_sessions_failed
+    );
+    println!(
+        "dropped:   {} garbage gossip datagrams, {} bad sync messages",
+        s.gossip_garbage_dropped, s.sync_garbage_dropped
+    );
+    println!("data dir:  {}", s.data_dir);
+    Ok(())
+}
+
+pub fn token(t: &CreateJoinTokenResponse, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"token": t.token, "expires_unix_ms": t.expires_unix_ms, "peer_addresses": t.peer_addresses})
+        );
+    } else {
+        println!("{}", t.token);
+        eprintln!(
+            "single use; expires {}. On the new machine: ucd --join {} --token {}",
+            ago_future(t.expires_unix_ms),
+            t.peer_addresses
+                .first()
+                .map(String::as_str)
+                .unwrap_or("PEER:51000"),
+            t.token
+        );
+    }
+    Ok(())
+}
+
+fn ago_future(unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    format!("in {} s", unix_ms.saturating_sub(now) / 1000)
+}

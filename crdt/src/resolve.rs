@@ -1,0 +1,165 @@
+//! The deterministic conflict rules, as a pure function from a snapshot of
+//! the records to the fixes to make.
+//!
+//! Rules, in order; "priority" is the smaller (created_at_ms, id):
+//! 1. Active machines sharing a subnet: the highest-priority one keeps it;
+//!    the others, in priority order, move to the lowest free /24.
+//! 2. Active machines sharing a name: the others are renamed
+//!    `<name>-<first 6 hex digits of id>`. Same for services.
+//! 3. A container whose service is gone, or whose machine is removed or
+//!    unknown, is removed (it was placed concurrently with the removal).
+//! 4. A container whose address is outside its machine's subnet (its machine
+//!    moved) gets the same host number inside the machine's subnet; then a
+//!    container whose address is used by a higher-priority container moves
+//!    to the lowest free host of its machine's subnet.
+//!
+//! Removed machines hold no subnet and no name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use uc_proto::{MachineId, ServiceId, Subnet};
+
+use crate::model::{Container, Fix, Machine, Service};
+
+/// Machine subnets are /24s.
+pub(crate) const MACHINE_PREFIX: u8 = 24;
+
+/// The lowest /24 of `network` not in `used`, skipping the first and the
+/// last /24 of the network (for a /16: indices 1..=254).
+pub(crate) fn lowest_free_subnet(network: Subnet, used: &BTreeSet<Subnet>) -> Option<Subnet> {
+    let count = 1u32.checked_shl(u32::from(MACHINE_PREFIX.checked_sub(network.prefix())?))?;
+    (1..count.saturating_sub(1))
+        .filter_map(|i| network.child(MACHINE_PREFIX, i))
+        .find(|s| !used.contains(s))
+}
+
+/// `<name>-<first 6 hex digits of id>`, keeping the result within a DNS
+/// label's 63 characters.
+pub(crate) fn suffixed_name(name: &str, id: &str) -> String {
+    let base: String = name.chars().take(56).collect();
+    let suffix: String = id.chars().take(6).collect();
+    format!("{base}-{suffix}")
+}
+
+/// One round of the rules over a snapshot. Applying the returned fixes in
+/// order gives a state where rules 1, 3 and 4 hold; rule 2 may need another
+/// round if a new name collides with an existing one.
+pub(crate) fn plan(
+    network: Subnet,
+    machines: &[Machine],
+    services: &[Service],
+    containers: &[Container],
+) -> Vec<Fix> {
+    let mut fixes = Vec::new();
+
+    let mut active: Vec<Machine> = machines.iter().filter(|m| m.is_active()).cloned().collect();
+    active.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+
+    // Rule 1: subnets.
+    let mut used: BTreeSet<Subnet> = active.iter().map(|m| m.subnet).collect();
+    let mut holders: BTreeSet<Subnet> = BTreeSet::new();
+    for m in &mut active {
+        if holders.insert(m.subnet) {
+            continue;
+        }
+        if let Some(to) = lowest_free_subnet(network, &used) {
+            used.insert(to);
+            holders.insert(to);
+            fixes.push(Fix::MachineMoved {
+                machine: m.id.clone(),
+                from: m.subnet,
+                to,
+            });
+            m.subnet = to;
+        }
+        // else: the network is full; nothing deterministic to do but wait
+        // for a machine to be removed.
+    }
+
+    // Rule 2: names.
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for m in &active {
+        if !names.insert(m.name.clone()) {
+            let to = suffixed_name(&m.name, m.id.as_str());
+            fixes.push(Fix::MachineRenamed {
+                machine: m.id.clone(),
+                from: m.name.clone(),
+                to,
+            });
+        }
+    }
+    let mut services: Vec<&Service> = services.iter().collect();
+    services.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    let mut names: BTreeSet<&str> = BTreeSet::new();
+    for s in &services {
+        if !names.insert(&s.name) {
+            let to = suffixed_name(&s.name, s.id.as_str());
+            fixes.push(Fix::ServiceRenamed {
+                service: s.id.clone(),
+                from: s.name.clone(),
+                to,
+            });
+        }
+    }
+
+    // Rules 3 and 4: containers.
+    let subnets: HashMap<&MachineId, Subnet> = active.iter().map(|m| (&m.id, m.subnet)).collect();
+    let service_ids: BTreeSet<&ServiceId> = services.iter().map(|s| &s.id).collect();
+    let mut containers: Vec<&Container> = containers.iter().collect();
+    containers.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    let mut kept: Vec<(&Container, Subnet)> = Vec::new();
+    for c in containers {
+        match subnets.get(&c.machine) {
+            Some(subnet) if service_ids.contains(&c.service) => kept.push((c, *subnet)),
+            _ => fixes.push(Fix::ContainerRemoved {
+                container: c.id.clone(),
+            }),
+        }
+    }
+    // Addresses of every kept container count as used before anyone moves,
+    // so that a moved container never takes the address of one that stays.
+    let mut taken: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    for (c, _) in &kept {
+        if let Some(a) = c.address {
+            *taken.entry(a).or_default() += 1;
+        }
+    }
+    let mut placed: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for (c, subnet) in kept {
+        let Some(from) = c.address else { continue };
+        let mut to = from;
+        if !subnet.contains(to) {
+            let host = u32::from(from) & 0xff;
+            to = match subnet.host(host) {
+                Some(a) if (1..=254).contains(&host) && !placed.contains(&a) => a,
+                _ => from,
+            };
+        }
+        if !subnet.contains(to) || placed.contains(&to) || (to != from && taken.contains_key(&to)) {
+            let free = (1..=254)
+                .filter_map(|h| subnet.host(h))
+                .find(|a| !placed.contains(a) && !taken.contains_key(a));
+            if let Some(a) = free {
+                to = a;
+            }
+        }
+        placed.insert(to);
+        if to != from {
+            if let Some(n) = taken.get_mut(&from) {
+                *n -= 1;
+                if *n == 0 {
+                    taken.remove(&from);
+                }
+            }
+            taken.insert(to, 1);
+            fixes.push(Fix::ContainerReaddressed {
+                container: c.id.clone(),
+                from,
+                to,
+            });
+        }
+    }
+
+    fixes
+}

@@ -1,0 +1,2 @@
+//! Integration tests of uc-crdt.
+fn main() {}

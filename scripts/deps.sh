@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what uc needs on a Debian machine: system packages (apt) and, if
+# missing, the Rust toolchain and cargo-nextest. Safe to run again.
+# Usage: scripts/deps.sh [extra apt packages...]
+set -euo pipefail
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "error: this needs root (it installs packages and creates network namespaces); try: sudo $0" >&2
+    exit 1
+  fi
+}
+need_root
+
+packages=(iproute2 ca-certificates curl gcc libc6-dev pkg-config procps "$@")
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  # Something on some machines cleans /tmp while apt runs: give apt its own TMPDIR.
+  export TMPDIR; TMPDIR=$(mktemp -d /var/tmp/uc-apt.XXXXXX)
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -rf "$TMPDIR"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "installing the Rust toolchain with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# README command 2: install what the tests need and run the whole suite:
+# formatting, clippy, then every test (unit, simulation, component, and the
+# end-to-end tests that run real agents in network namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+# The e2e tests run the real binaries: build them first.
+cargo build --locked --workspace --bins
+cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# README command 1: install what uc needs, build it, put `uc` and `ucd` in
+# /usr/local/bin, and start a local cluster of 3 machines (network
+# namespaces on this host, each running the real agent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+machines="${UC_LOCAL_MACHINES:-3}"
+echo "building uc (release; the first build takes several minutes)"
+cargo build --release --locked -p uc-agent -p uc-cli
+install -m 0755 target/release/uc target/release/ucd /usr/local/bin/
+if [ -f /var/lib/uc/local/cluster.json ]; then
+  /usr/local/bin/uc local down
+fi
+/usr/local/bin/uc local up --machines "$machines"
+/usr/local/bin/uc machine ls
