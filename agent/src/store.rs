@@ -190,3 +190,105 @@ impl Store {
         &self.path
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uc_proto::{ServiceId, Subnet};
+
+    fn doc() -> ClusterState {
+        let net: Subnet = "10.210.0.0/16".parse().unwrap();
+        ClusterState::new_cluster("c1", net, [1; 16], 1000).unwrap()
+    }
+
+    fn put(doc: &mut ClusterState, i: u16) {
+        let mut bytes = [7u8; 16];
+        bytes[..2].copy_from_slice(&i.to_be_bytes());
+        let id = ServiceId::from_bytes(bytes);
+        doc.put_service(
+            id,
+            &format!("svc-{i}"),
+            serde_json::json!({"i": i}),
+            1000 + u64::from(i),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn reopens_with_every_persisted_change_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut d = doc();
+        let mut store = Store::create(&path, &mut d).unwrap();
+        // Past the compaction threshold, so both the snapshot rewrite and
+        // the changes appended after it are exercised.
+        for i in 0..(COMPACT_AFTER as u16 + 20) {
+            put(&mut d, i);
+            store.persist(&mut d).unwrap();
+        }
+        assert!(store.chunks < COMPACT_AFTER, "compaction never ran");
+        let want = d.to_json();
+        drop(store);
+        let (_, mut loaded) = Store::open(&path, [2; 16]).unwrap();
+        assert_eq!(loaded.to_json(), want);
+        assert_eq!(loaded.heads_digest(), d.heads_digest());
+        assert!(
+            Store::create(&path, &mut d).is_err(),
+            "create must never overwrite"
+        );
+    }
+
+    #[test]
+    fn corrupt_or_truncated_files_give_an_error_naming_the_file_and_stay_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut d = doc();
+        let mut store = Store::create(&path, &mut d).unwrap();
+        put(&mut d, 1);
+        store.persist(&mut d).unwrap();
+        drop(store);
+        let good = std::fs::read(&path).unwrap();
+
+        // Truncated to half.
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let err = Store::open(&path, [3; 16])
+            .err()
+            .expect("a truncated file must not load")
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "the file must be left untouched"
+        );
+
+        // Not a redb file at all.
+        std::fs::write(
+            &path,
+            b"this is not a database, just some text that got here",
+        )
+        .unwrap();
+        let err = Store::open(&path, [3; 16])
+            .err()
+            .expect("garbage must not load")
+            .to_string();
+        assert!(err.contains("state.redb"), "{err}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"this is not a database, just some text that got here"
+        );
+    }
+
+    #[test]
+    fn a_valid_redb_file_without_our_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        drop(Database::create(&path).unwrap());
+        let err = Store::open(&path, [3; 16]).err().unwrap().to_string();
+        assert!(
+            err.contains("not a uc state file") && err.contains("state.redb"),
+            "{err}"
+        );
+    }
+}
