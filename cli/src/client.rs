@@ -2,10 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
-use tower::service_fn;
+use tonic::transport::Channel;
 use uc_proto::v1::api_client::ApiClient;
 
 use crate::context;
@@ -43,20 +40,9 @@ pub async fn connect(flag: Option<&Path>) -> anyhow::Result<ApiClient<Channel>> 
 }
 
 async fn connect_one(path: &Path) -> anyhow::Result<ApiClient<Channel>> {
-    // Fail fast with a clear error rather than letting the lazy channel retry.
-    tokio::net::UnixStream::connect(path)
+    uc_proto::client::connect_unix(path)
         .await
-        .context("connecting")?;
-    let path = path.to_path_buf();
-    let channel = Endpoint::from_static("http://uc.local")
-        .connect_with_connector(service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await?;
-    Ok(ApiClient::new(channel).max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES))
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// A gRPC status as a user-facing error.

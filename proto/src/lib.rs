@@ -1,6 +1,8 @@
 //! Wire and API types of uc: typed identifiers, the subnet type, and the gRPC
 //! definitions (`uc.v1`). The only crate where wire formats live.
 
+#[cfg(feature = "client")]
+pub mod client;
 mod ids;
 mod subnet;
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Spine benchmark: ucd beside Serf in network namespaces (propagation,
+# failure detection, idle footprint, false deaths), written into
+# docs/benchmarks.md. Needs root. Takes about 20 minutes with the defaults;
+# pass flags through, e.g. `bench/spine.sh --soak-secs 0 --idle-secs 10`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh serf
+cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
+exec target/release/uc-bench-spine --bin-dir target/release --out docs/benchmarks.md "$@"
