@@ -311,7 +311,9 @@ impl Cluster {
         let data_dir = self.dir.join(format!("m{index}"));
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        // Registered before the namespace exists, so Drop deletes it even if a step below fails.
+        // Registered as soon as the namespace exists (not before: a namespace of that name made by
+        // someone else is not ours to delete), so Drop deletes it even if a step below fails.
+        netns::add(&ns)?;
         self.machines.push(MachineHandle {
             index,
             name: format!("m{index}"),
@@ -323,7 +325,6 @@ impl Cluster {
             args: Vec::new(),
             child: None,
         });
-        netns::add(&ns)?;
         let port = format!("v{index}");
         ip(&[
             "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
@@ -644,7 +645,7 @@ impl Cluster {
             }
             Ok(s)
         });
-        r.map_err(|e| e.context(self.logs_tail(&[i], 30)))
+        r.map_err(|e| self.with_logs(e, &[i]))
     }
 
     /// Waits until every running agent is ready and lists every running machine as live (and no
@@ -692,7 +693,18 @@ impl Cluster {
                 Ok(())
             },
         );
-        r.map_err(|e| e.context(self.logs_tail(&running, 20)))
+        r.map_err(|e| self.with_logs(e, &running))
+    }
+
+    /// `e` followed by the last lines of the logs of `machines` (all if empty), for test failures.
+    pub fn with_logs(&self, e: anyhow::Error, machines: &[usize]) -> anyhow::Error {
+        let all: Vec<usize> = (0..self.machines.len()).collect();
+        let machines = if machines.is_empty() {
+            &all[..]
+        } else {
+            machines
+        };
+        anyhow::anyhow!("{e:#}\n{}", self.logs_tail(machines, 30))
     }
 
     /// The last `lines` lines of the logs of `machines`, for error messages.

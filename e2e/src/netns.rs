@@ -45,7 +45,10 @@ pub fn add(name: &str) -> anyhow::Result<()> {
         );
     }
     ip(&["netns", "add", name]).with_context(|| format!("creating network namespace {name}"))?;
-    ip(&["-n", name, "link", "set", "lo", "up"])?;
+    if let Err(e) = ip(&["-n", name, "link", "set", "lo", "up"]) {
+        let _ = delete(name);
+        return Err(e);
+    }
     Ok(())
 }
 

@@ -11,10 +11,20 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use uc_e2e::{Cluster, eventually};
+use uc_e2e::{Cluster, ClusterBuilder, eventually};
 
 /// How long tests wait for gossip and sync to settle.
 pub const SETTLE: Duration = Duration::from_secs(60);
+
+/// Starts a cluster, runs `test` on it, and on failure adds the tails of the agents' logs to the
+/// error (the cluster, and its logs, are gone once this returns).
+pub fn with_cluster(
+    b: ClusterBuilder,
+    test: impl FnOnce(&mut Cluster) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut c = Cluster::start(b)?;
+    test(&mut c).map_err(|e| c.with_logs(e, &[]))
+}
 
 /// The services of a state dump, by name, whatever the document's shape for them
 /// (a map keyed by id whose values carry `name`, or a list of records).
