@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing_subscriber::Layer;
@@ -217,11 +217,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
     let stop = shutdown.clone();
+    let incoming = peer::screened_incoming(peer_listener, node.clone(), &tracker, shutdown.clone());
     tracker.spawn(async move {
         let r = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(peer_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stop.cancelled())
+            .serve_with_incoming_shutdown(incoming, stop.cancelled())
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "peer API stopped");

@@ -153,12 +153,13 @@ pub async fn start(
         }
     });
 
-    // Turn chitchat's view into per-machine liveness, ten times a gossip round.
+    // Turn chitchat's view into per-machine liveness, once a gossip round.
     let chitchat = handle.chitchat();
     let self_id = handle.chitchat_id().clone();
     tracker.spawn(async move {
         let mut seen: HashMap<ChitchatId, (u64, Instant, u64)> = HashMap::new();
-        let mut tick = tokio::time::interval((gossip_interval / 2).max(Duration::from_millis(20)));
+        let mut tick = tokio::time::interval(gossip_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

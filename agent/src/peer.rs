@@ -164,6 +164,71 @@ impl Peer for PeerService {
     }
 }
 
+/// What every HTTP/2 connection starts with (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Accepts peer connections and hands on only those that start like HTTP/2;
+/// anything else is garbage: counted, logged and closed. (Malformed gRPC
+/// inside a good connection is counted by the `Sync` handler.)
+pub fn screened_incoming(
+    listener: tokio::net::TcpListener,
+    node: Arc<Node>,
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+    let (tx, rx) = mpsc::channel(64);
+    let inner = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let (stream, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, go on.
+                        tracing::warn!(error = %e, "accepting a peer connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let tx = tx.clone();
+            let node = node.clone();
+            inner.spawn(async move {
+                let mut buf = [0u8; H2_PREFACE.len()];
+                let check = tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        let n = stream.peek(&mut buf).await?;
+                        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+                            return Ok::<bool, std::io::Error>(false);
+                        }
+                        if n == H2_PREFACE.len() {
+                            return Ok(true);
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
+                match check {
+                    Ok(Ok(true)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Ok(false)) => {
+                        Metrics::inc(&node.metrics.sync_garbage_dropped);
+                        tracing::debug!(%remote, "dropped a peer connection that is not HTTP/2");
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "peer connection failed"),
+                    Err(_) => {
+                        Metrics::inc(&node.metrics.sync_garbage_dropped);
+                        tracing::debug!(%remote, "dropped a peer connection that sent no HTTP/2 preface in 5 s");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 /// A lazily connected client for a peer's API.
 pub fn client(addr: &str) -> anyhow::Result<PeerClient<Channel>> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?

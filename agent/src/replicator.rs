@@ -34,9 +34,11 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
     tracker.spawn(async move {
         let started = Instant::now();
         let mut writes = node.subscribe_local_writes();
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (done_tx, mut done_rx) = mpsc::channel::<(MachineId, bool)>(64);
         let mut slots: HashMap<MachineId, PeerSlot> = HashMap::new();
+        let mut active: (String, HashSet<MachineId>) = (String::new(), HashSet::new());
         loop {
             let mut push_all = false;
             tokio::select! {
@@ -61,13 +63,21 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
             let now = Instant::now();
             let ours = node.heads();
             let peers = node.peers();
-            let active: HashSet<MachineId> = node.read(|doc| {
-                doc.machines()
-                    .into_iter()
-                    .filter(|m| m.state == uc_crdt::MachineState::Active)
-                    .map(|m| m.id)
-                    .collect()
-            });
+            // Reading the document is the costly part of a tick: only redo
+            // it when the document changed.
+            if active.0 != ours {
+                active = (
+                    ours.clone(),
+                    node.read(|doc| {
+                        doc.machines()
+                            .into_iter()
+                            .filter(|m| m.state == uc_crdt::MachineState::Active)
+                            .map(|m| m.id)
+                            .collect()
+                    }),
+                );
+            }
+            let active = &active.1;
             if !node.is_ready() {
                 let alone = active.iter().all(|id| *id == node.machine_id);
                 if alone {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use uc_agent::config::Args;
 use uc_agent::node::Node;
 use uc_agent::peer::{self, PeerService};
@@ -71,10 +70,12 @@ fn node_from(doc: Option<Vec<u8>>, name: &str, id_byte: u8) -> TestNode {
 async fn serve(node: Arc<Node>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let incoming = peer::screened_incoming(listener, node.clone(), &tracker, Default::default());
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(PeerServer::new(PeerService { node }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(incoming),
     );
     addr
 }

@@ -462,12 +462,19 @@ fn garbage_on_the_gossip_and_peer_ports_is_dropped() -> anyhow::Result<()> {
                 c.logs_tail(&[0], 40)
             );
         }
-        eventually(SETTLE, "the gossip garbage counter to grow", || {
+        let sync_before = counter(&status_before, "sync_garbage_dropped")?;
+        eventually(SETTLE, "the garbage counters to grow", || {
             let s = c.status(0)?;
             let now = counter(&s, "gossip_garbage_dropped")?;
             ensure!(
                 now > gossip_before,
                 "gossip_garbage_dropped still {now}: {s}"
+            );
+            // Four of the TCP connections do not even start like HTTP/2.
+            let sync = counter(&s, "sync_garbage_dropped")?;
+            ensure!(
+                sync >= sync_before + 4,
+                "sync_garbage_dropped only {sync} (was {sync_before}): {s}"
             );
             Ok(())
         })?;
