@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::Parser;
 use tonic::transport::Channel;
+use uc_bench::percentile;
 use uc_e2e::{Cluster, ClusterBuilder};
 use uc_proto::v1::api_client::ApiClient;
 use uc_proto::v1::{ListMachinesRequest, PutServiceRequest, StatusRequest, WatchHeadsRequest};
@@ -46,16 +47,6 @@ fn unix_ns() -> u128 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos()
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
 }
 
 struct Figures {
@@ -157,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     let md = render(&fig, &args);
     println!("{md}");
     if let Some(out) = &args.out {
-        splice(out, &md)?;
+        uc_bench::splice(out, "spine", &md)?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())
@@ -612,23 +603,4 @@ fn date_utc() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
-}
-
-/// Replaces the spine section of `path` (or appends it).
-fn splice(path: &Path, section: &str) -> anyhow::Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match (
-        old.find("<!-- spine:begin -->"),
-        old.find("<!-- spine:end -->"),
-    ) {
-        (Some(a), Some(b)) if b > a => format!(
-            "{}{}{}",
-            &old[..a],
-            section,
-            &old[b + "<!-- spine:end -->".len()..]
-        ),
-        _ => format!("{}\n{}\n", old.trim_end(), section),
-    };
-    std::fs::write(path, new)?;
-    Ok(())
 }

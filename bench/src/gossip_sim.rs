@@ -1,0 +1,191 @@
+//! Gossip at scale, simulated: N chitchat instances configured as `ucd`
+//! configures them, on chitchat's in-memory transport (every message is
+//! serialized and counted), in virtual time. Measures how long membership
+//! takes to converge, how long a changed heads digest takes to reach every
+//! machine, and gossip bytes per second per machine. Prints Markdown and,
+//! with `--out`, writes it into docs/benchmarks.md between the `gossip-sim`
+//! markers.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chitchat::transport::ChannelTransport;
+use chitchat::{ChitchatHandle, ChitchatId, spawn_chitchat};
+use clap::Parser;
+use tokio::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// Numbers of machines to simulate.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    sizes: Vec<usize>,
+    /// Gossip interval in milliseconds (ucd's default).
+    #[arg(long, default_value_t = 150)]
+    gossip_ms: u64,
+    /// Virtual seconds of steady state over which bytes are counted.
+    #[arg(long, default_value_t = 10)]
+    window_secs: u64,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+struct Row {
+    n: usize,
+    membership: Option<Duration>,
+    heads: Option<Duration>,
+    bytes_per_sec_per_machine: f64,
+    messages_per_sec_per_machine: f64,
+    wall: Duration,
+}
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::new(
+        Ipv4Addr::new(10, 99, (i / 250) as u8, (i % 250 + 1) as u8).into(),
+        51001,
+    )
+}
+
+async fn run(n: usize, args: &Args) -> anyhow::Result<Row> {
+    let wall = std::time::Instant::now();
+    let transport = ChannelTransport::with_mtu(65_507);
+    let interval = Duration::from_millis(args.gossip_ms);
+    let mut handles: Vec<ChitchatHandle> = Vec::new();
+    for i in 0..n {
+        let config = uc_agent::membership::chitchat_config(
+            ChitchatId::new(
+                format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15),
+                1_700_000_000_000,
+                addr(i),
+            ),
+            "0123456789abcdef0123456789abcdef".into(),
+            interval,
+            addr(i),
+            (0..3.min(n))
+                .filter(|s| *s != i)
+                .map(|s| addr(s).to_string())
+                .collect(),
+        );
+        let kvs = vec![
+            ("heads".to_string(), "0123456789abcdef".to_string()),
+            ("peer".to_string(), format!("{}:51000", addr(i).ip())),
+            ("ep".to_string(), addr(i).ip().to_string()),
+            ("load".to_string(), "0.12".to_string()),
+        ];
+        handles.push(spawn_chitchat(config, kvs, &transport).await?);
+    }
+    let start = Instant::now();
+    let limit = Duration::from_secs(600);
+    // Membership: every machine sees every machine live.
+    let membership = loop {
+        let mut all = true;
+        for h in &handles {
+            if h.with_chitchat(|c| c.live_nodes().count()).await < n {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            break None;
+        }
+        tokio::time::sleep(interval / 2).await;
+    };
+    // A changed heads digest on machine 0 reaching everyone.
+    let t0 = Instant::now();
+    let id0 = handles[0].chitchat_id().clone();
+    handles[0]
+        .with_chitchat(|c| c.self_node_state().set("heads", "fedcba9876543210"))
+        .await;
+    let heads = loop {
+        let mut all = true;
+        for h in &handles[1..] {
+            let seen = h
+                .with_chitchat(|c| {
+                    c.node_state(&id0)
+                        .and_then(|s| s.get("heads"))
+                        .map(|v| v == "fedcba9876543210")
+                })
+                .await;
+            if seen != Some(true) {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break Some(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Steady state traffic.
+    let before = transport.statistics();
+    tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
+    let after = transport.statistics();
+    let secs = args.window_secs as f64;
+    for h in handles {
+        h.shutdown().await?;
+    }
+    Ok(Row {
+        n,
+        membership,
+        heads,
+        bytes_per_sec_per_machine: (after.num_bytes_total - before.num_bytes_total) as f64
+            / secs
+            / n as f64,
+        messages_per_sec_per_machine: (after.num_messages_total - before.num_messages_total) as f64
+            / secs
+            / n as f64,
+        wall: wall.elapsed(),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rows = Vec::new();
+    for &n in &args.sizes {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()?;
+        let row = rt.block_on(run(n, &args))?;
+        eprintln!(
+            "N={n}: membership {:?}, heads {:?}, {:.0} B/s/machine, wall {:?}",
+            row.membership, row.heads, row.bytes_per_sec_per_machine, row.wall
+        );
+        rows.push(row);
+    }
+    let fmt = |d: Option<Duration>| {
+        d.map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "did not converge in 600 s".into())
+    };
+    let mut md = String::from(
+        "<!-- gossip-sim:begin -->\n### Gossip at scale, simulated (`bench/gossip-sim.sh`)\n\n",
+    );
+    md.push_str(&format!(
+        "chitchat configured as ucd configures it (gossip every {} ms, 3 peers a round, ucd's four keys per machine) on chitchat's in-memory transport, which serializes and counts every message, in virtual time (tokio paused clock). Membership: until every machine lists every machine live. Heads: until a changed heads digest on one machine is seen by all. Bytes: steady state over {} virtual seconds.\n\n",
+        args.gossip_ms, args.window_secs
+    ));
+    md.push_str("| machines | membership converged | heads digest everywhere | gossip bytes/s per machine | messages/s per machine |\n|---|---|---|---|---|\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} ({:.1} KiB/s) | {:.0} |\n",
+            r.n,
+            fmt(r.membership),
+            fmt(r.heads),
+            r.bytes_per_sec_per_machine,
+            r.bytes_per_sec_per_machine / 1024.0,
+            r.messages_per_sec_per_machine
+        ));
+    }
+    md.push_str("<!-- gossip-sim:end -->");
+    println!("{md}");
+    if let Some(out) = &args.out {
+        uc_bench::splice(out, "gossip-sim", &md)?;
+    }
+    Ok(())
+}

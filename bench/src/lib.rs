@@ -1,0 +1,61 @@
+//! Shared pieces of uc's benchmarks.
+
+use std::path::Path;
+
+/// Replaces the section between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
+/// of the Markdown file at `path` with `section` (which carries the markers),
+/// or appends it.
+pub fn splice(path: &Path, name: &str, section: &str) -> std::io::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let (b, e) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let new = match (old.find(&b), old.find(&e)) {
+        (Some(a), Some(z)) if z > a => format!("{}{}{}", &old[..a], section, &old[z + e.len()..]),
+        _ => format!("{}\n\n{}\n", old.trim_end(), section),
+    };
+    std::fs::write(path, new)
+}
+
+/// The `p`-th percentile (nearest rank) of `v`; NaN when empty.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn splice_replaces_only_its_section() {
+        let dir = std::env::temp_dir().join(format!("uc-bench-splice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("b.md");
+        std::fs::write(&p, "# B\n\n<!-- x:begin -->old<!-- x:end -->\n\nkeep\n").unwrap();
+        splice(&p, "x", "<!-- x:begin -->new<!-- x:end -->").unwrap();
+        splice(&p, "y", "<!-- y:begin -->why<!-- y:end -->").unwrap();
+        let s = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            s.contains("new") && !s.contains("old") && s.contains("keep") && s.contains("why"),
+            "{s}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
