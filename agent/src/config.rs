@@ -183,7 +183,7 @@ impl Args {
         let gossip_interval = Duration::from_millis(
             self.gossip_interval_ms
                 .or(file.gossip_interval_ms)
-                .unwrap_or(150),
+                .unwrap_or(300),
         );
         if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(10)
         {

@@ -86,6 +86,9 @@ pub struct Node {
     local_write_tx: watch::Sender<u64>,
     ready_tx: watch::Sender<bool>,
     peers: RwLock<HashMap<MachineId, PeerInfo>>,
+    /// Bumped when a peer's liveness, address or heads change (not on
+    /// every heartbeat), so the replicator wakes only when there is news.
+    peers_changed_tx: watch::Sender<u64>,
     pub metrics: Metrics,
 }
 
@@ -117,6 +120,7 @@ impl Node {
             local_write_tx,
             ready_tx,
             peers: RwLock::new(HashMap::new()),
+            peers_changed_tx: watch::channel(0).0,
             metrics: Metrics::default(),
         }
     }
@@ -230,7 +234,22 @@ impl Node {
     }
 
     pub fn set_peers(&self, peers: HashMap<MachineId, PeerInfo>) {
-        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+        let mut current = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let news = current.len() != peers.len()
+            || peers.iter().any(|(id, p)| {
+                current.get(id).is_none_or(|c| {
+                    (c.liveness, c.peer_addr, &c.heads) != (p.liveness, p.peer_addr, &p.heads)
+                })
+            });
+        *current = peers;
+        drop(current);
+        if news {
+            self.peers_changed_tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    pub fn subscribe_peer_changes(&self) -> watch::Receiver<u64> {
+        self.peers_changed_tx.subscribe()
     }
 
     pub fn peers(&self) -> HashMap<MachineId, PeerInfo> {

@@ -19,7 +19,7 @@ use crate::peer;
 
 /// A peer whose digest differs is synced again at most this often, unless a
 /// local write needs pushing.
-const ANTI_ENTROPY_COOLDOWN: Duration = Duration::from_millis(500);
+const ANTI_ENTROPY_COOLDOWN: Duration = Duration::from_millis(400);
 const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 struct PeerSlot {
@@ -34,7 +34,11 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
     tracker.spawn(async move {
         let started = Instant::now();
         let mut writes = node.subscribe_local_writes();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut peer_changes = node.subscribe_peer_changes();
+        // Wakes for news (local writes, peers' liveness or heads changing,
+        // finished sessions); the tick only retries after cool-downs and
+        // checks the catch-up deadline.
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (done_tx, mut done_rx) = mpsc::channel::<(MachineId, bool)>(64);
         let mut slots: HashMap<MachineId, PeerSlot> = HashMap::new();
@@ -45,6 +49,7 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
                 _ = shutdown.cancelled() => break,
                 r = writes.changed() => { if r.is_err() { break; } push_all = true; }
                 _ = tick.tick() => {}
+                r = peer_changes.changed() => { if r.is_err() { break; } }
                 Some((id, ok)) = done_rx.recv() => {
                     if let Some(slot) = slots.get_mut(&id) {
                         slot.in_flight = false;

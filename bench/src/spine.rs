@@ -540,7 +540,7 @@ fn render(f: &Figures, args: &Args) -> String {
         .unwrap_or_default();
     s.push_str("<!-- spine:begin -->\n## Spine: membership and state propagation (issue 2)\n\n");
     s.push_str(&format!(
-        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: release build, gossip every 150 ms. Serf: Debian's `serf` with default LAN settings.\n\n",
+        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: release build, default settings (gossip every 300 ms, dead after phi 6). Serf: Debian's `serf` with default LAN settings.\n\n",
         date_utc(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     ));
