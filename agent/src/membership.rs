@@ -233,9 +233,11 @@ pub fn chitchat_config(
         marked_for_deletion_grace_period: Duration::from_secs(3600),
         catchup_callback: None,
         extra_liveness_predicate: None,
-        // V1 compresses the digest that every datagram carries: 3.5 to 4.5
-        // times fewer gossip bytes at 20 to 100 machines (bench/gossip-sim.sh).
-        // Every uc agent speaks it.
+        // V1 would zstd-compress the digest every datagram carries: 3.5 to
+        // 4.5 times fewer bytes at 20 to 100 machines (bench/gossip-sim.sh
+        // with V1), but creating zstd contexts per datagram made it the
+        // largest CPU cost of an idle agent (perf), and a personal cloud is
+        // small. V0 keeps idle CPU near Serf's (bench/spine.sh).
         protocol_version: ProtocolVersion::V0,
     }
 }
