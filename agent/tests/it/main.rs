@@ -165,16 +165,26 @@ async fn garbage_on_the_sync_rpc_is_dropped_and_counted() {
     let err = replies.message().await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
-    // Raw garbage on the TCP port, not even HTTP/2.
+    // Raw garbage on the TCP port, not even HTTP/2: dropped at the door,
+    // with no answer.
     let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
     raw.write_all(&[0xde, 0xad, 0xbe, 0xef].repeat(1000))
         .await
         .unwrap();
-    drop(raw);
+    let mut rest = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut rest).await;
+    assert!(rest.is_empty(), "garbage gets no answer");
+    // HTTP/1 is garbage here too.
+    let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut rest).await;
+    assert!(rest.is_empty(), "HTTP/1 gets no answer");
 
     assert_eq!(
         a.node.metrics.sync_garbage_dropped.load(Ordering::Relaxed),
-        2
+        4
     );
     assert_eq!(
         a.node.read(|d| d.to_json()),
