@@ -259,6 +259,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("some tasks did not stop within 5 s");
     }
+    if let Err(e) = node.flush() {
+        tracing::error!(error = %e, "storing received changes at shutdown failed");
+    }
     let _ = std::fs::remove_file(&api_path);
     Ok(())
 }

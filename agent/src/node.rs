@@ -175,8 +175,8 @@ impl Node {
         Ok(out)
     }
 
-    /// Runs one step of a sync session against this replica, persisting what
-    /// it received before anything is sent back.
+    /// Runs one step of a sync session against this replica: applies and
+    /// stores what it received, and says what to send back.
     pub fn sync_step(
         &self,
         peer: &mut uc_crdt::PeerSync,
@@ -190,7 +190,9 @@ impl Node {
             for fix in doc.resolve_conflicts() {
                 tracing::info!(?fix, "settled a conflict");
             }
-            store.persist(doc)?;
+            // Received changes are held by the sender too: visible at once,
+            // on disk without waiting for it (see `Store::persist_lazily`).
+            store.persist_lazily(doc)?;
             self.publish_heads(doc);
         }
         Ok(doc.generate_sync_message(peer))
@@ -207,6 +209,13 @@ impl Node {
                 true
             }
         })
+    }
+
+    /// Makes lazily stored received changes durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let mut r = self.lock();
+        let Replica { doc, store } = &mut *r;
+        store.flush(doc)
     }
 
     /// The whole document, for a joiner.

@@ -48,7 +48,13 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = writes.changed() => { if r.is_err() { break; } push_all = true; }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // Received changes reach the disk within a tick.
+                    let n = node.clone();
+                    if let Err(e) = tokio::task::spawn_blocking(move || n.flush()).await.unwrap_or(Ok(())) {
+                        tracing::error!(error = %e, "storing received changes failed");
+                    }
+                }
                 r = peer_changes.changed() => { if r.is_err() { break; } }
                 Some((id, ok)) = done_rx.recv() => {
                     if let Some(slot) = slots.get_mut(&id) {

@@ -42,6 +42,8 @@ pub struct Store {
     path: PathBuf,
     next_seq: u64,
     chunks: u64,
+    /// Some commits since the last durable one were made without fsync.
+    lazy: bool,
 }
 
 fn boxed<E: std::error::Error + Send + Sync + 'static>(
@@ -73,6 +75,7 @@ impl Store {
             path: path.into(),
             next_seq: 0,
             chunks: 0,
+            lazy: false,
         };
         store.write_snapshot(doc)?;
         Ok(store)
@@ -131,14 +134,47 @@ impl Store {
                 path: path.into(),
                 next_seq,
                 chunks,
+                lazy: false,
             },
             doc,
         ))
     }
 
-    /// Durably appends the document's changes since the last save. Returns
-    /// once they are committed to disk; only then may a write be acknowledged.
+    /// Durably appends the document's changes since the last save (and makes
+    /// every earlier `persist_lazily` durable too). Returns once they are
+    /// committed to disk; only then may a write be acknowledged.
     pub fn persist(&mut self, doc: &mut ClusterState) -> Result<(), StoreError> {
+        self.append(doc, true)
+    }
+
+    /// Appends the changes without waiting for the disk: for changes received
+    /// from peers, which other machines hold too. They become durable with
+    /// the next `persist` or `flush`; a crash before that loses only them,
+    /// and they come back with the next sync.
+    pub fn persist_lazily(&mut self, doc: &mut ClusterState) -> Result<(), StoreError> {
+        self.append(doc, false)
+    }
+
+    /// Makes lazily persisted changes durable, if there are any.
+    pub fn flush(&mut self, doc: &mut ClusterState) -> Result<(), StoreError> {
+        if self.lazy {
+            self.append(doc, true)?;
+            if self.lazy {
+                // Nothing new to append: commit an empty durable transaction,
+                // which makes the earlier ones durable.
+                let w = |e: &dyn std::fmt::Display| StoreError::Write {
+                    path: self.path.clone(),
+                    source: e.to_string().into(),
+                };
+                let txn = self.db.begin_write().map_err(|e| w(&e))?;
+                txn.commit().map_err(|e| w(&e))?;
+                self.lazy = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, doc: &mut ClusterState, durable: bool) -> Result<(), StoreError> {
         if self.chunks >= COMPACT_AFTER {
             return self.write_snapshot(doc);
         }
@@ -150,7 +186,11 @@ impl Store {
             path: self.path.clone(),
             source: e.to_string().into(),
         };
-        let txn = self.db.begin_write().map_err(|e| w(&e))?;
+        let mut txn = self.db.begin_write().map_err(|e| w(&e))?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| w(&e))?;
+        }
         {
             let mut t = txn.open_table(CHANGES).map_err(|e| w(&e))?;
             t.insert(self.next_seq, bytes.as_slice())
@@ -159,6 +199,7 @@ impl Store {
         txn.commit().map_err(|e| w(&e))?;
         self.next_seq += 1;
         self.chunks += 1;
+        self.lazy = !durable;
         Ok(())
     }
 
@@ -183,6 +224,7 @@ impl Store {
         }
         txn.commit().map_err(|e| w(&e))?;
         self.chunks = 0;
+        self.lazy = false;
         Ok(())
     }
 
@@ -236,6 +278,29 @@ mod tests {
             Store::create(&path, &mut d).is_err(),
             "create must never overwrite"
         );
+    }
+
+    #[test]
+    fn lazy_changes_become_durable_with_the_next_durable_commit_or_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mut d = doc();
+        let mut store = Store::create(&path, &mut d).unwrap();
+        put(&mut d, 1);
+        store.persist_lazily(&mut d).unwrap();
+        assert!(store.lazy);
+        put(&mut d, 2);
+        store.persist(&mut d).unwrap();
+        assert!(!store.lazy);
+        put(&mut d, 3);
+        store.persist_lazily(&mut d).unwrap();
+        store.flush(&mut d).unwrap();
+        assert!(!store.lazy);
+        let want = d.to_json();
+        drop(store);
+        let (_, loaded) = Store::open(&path, [2; 16]).unwrap();
+        assert_eq!(loaded.to_json(), want);
+        assert_eq!(loaded.services().len(), 3);
     }
 
     #[test]
