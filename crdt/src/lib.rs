@@ -16,3 +16,6 @@ pub mod sim;
 pub use error::{Error, JoinTokenProblem};
 pub use model::{Container, DesiredState, Fix, Machine, MachineState, NewMachine, Service};
 pub use state::{ClusterState, PeerSync};
+
+#[cfg(test)]
+mod tests;

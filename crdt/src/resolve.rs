@@ -5,7 +5,8 @@
 //! 1. Active machines sharing a subnet: the highest-priority one keeps it;
 //!    the others, in priority order, move to the lowest free /24.
 //! 2. Active machines sharing a name: the others are renamed
-//!    `<name>-<first 6 hex digits of id>`. Same for services.
+//!    `<name>-<first 6 hex digits of id>` (more digits if that name is in
+//!    use too). Same for services.
 //! 3. A container whose service is gone, or whose machine is removed or
 //!    unknown, is removed (it was placed concurrently with the removal).
 //! 4. A container whose address is outside its machine's subnet (its machine
@@ -34,17 +35,28 @@ pub(crate) fn lowest_free_subnet(network: Subnet, used: &BTreeSet<Subnet>) -> Op
         .find(|s| !used.contains(s))
 }
 
-/// `<name>-<first 6 hex digits of id>`, keeping the result within a DNS
-/// label's 63 characters.
-pub(crate) fn suffixed_name(name: &str, id: &str) -> String {
-    let base: String = name.chars().take(56).collect();
-    let suffix: String = id.chars().take(6).collect();
-    format!("{base}-{suffix}")
+/// `<name>-<first 6 hex digits of id>`, or more digits of the id while that
+/// name is in `taken` (ids are unique, so the whole id always ends it), cut
+/// to fit a DNS label's 63 characters.
+pub(crate) fn suffixed_name(name: &str, id: &str, taken: &BTreeSet<String>) -> String {
+    let mut candidate = String::new();
+    for digits in (6..=id.len().max(6)).step_by(2) {
+        let suffix: String = id.chars().take(digits).collect();
+        let base: String = name
+            .chars()
+            .take(62usize.saturating_sub(suffix.len()))
+            .collect();
+        candidate = format!("{base}-{suffix}");
+        if !taken.contains(&candidate) {
+            break;
+        }
+    }
+    candidate
 }
 
 /// One round of the rules over a snapshot. Applying the returned fixes in
-/// order gives a state where rules 1, 3 and 4 hold; rule 2 may need another
-/// round if a new name collides with an existing one.
+/// order gives a state where no rule applies (a second round finds nothing),
+/// unless the network is full.
 pub(crate) fn plan(
     network: Subnet,
     machines: &[Machine],
@@ -77,11 +89,14 @@ pub(crate) fn plan(
         // for a machine to be removed.
     }
 
-    // Rule 2: names.
-    let mut names: BTreeSet<String> = BTreeSet::new();
+    // Rule 2: names. A new name avoids every name in use, so one round
+    // settles all of them.
+    let mut names: BTreeSet<String> = active.iter().map(|m| m.name.clone()).collect();
+    let mut holders: BTreeSet<&str> = BTreeSet::new();
     for m in &active {
-        if !names.insert(m.name.clone()) {
-            let to = suffixed_name(&m.name, m.id.as_str());
+        if !holders.insert(&m.name) {
+            let to = suffixed_name(&m.name, m.id.as_str(), &names);
+            names.insert(to.clone());
             fixes.push(Fix::MachineRenamed {
                 machine: m.id.clone(),
                 from: m.name.clone(),
@@ -91,10 +106,12 @@ pub(crate) fn plan(
     }
     let mut services: Vec<&Service> = services.iter().collect();
     services.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-    let mut names: BTreeSet<&str> = BTreeSet::new();
+    let mut names: BTreeSet<String> = services.iter().map(|s| s.name.clone()).collect();
+    let mut holders: BTreeSet<&str> = BTreeSet::new();
     for s in &services {
-        if !names.insert(&s.name) {
-            let to = suffixed_name(&s.name, s.id.as_str());
+        if !holders.insert(&s.name) {
+            let to = suffixed_name(&s.name, s.id.as_str(), &names);
+            names.insert(to.clone());
             fixes.push(Fix::ServiceRenamed {
                 service: s.id.clone(),
                 from: s.name.clone(),
@@ -162,4 +179,37 @@ pub(crate) fn plan(
     }
 
     fixes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixed_names_avoid_names_in_use() {
+        let id = "abcdef0123456789abcdef0123456789";
+        let none = BTreeSet::new();
+        assert_eq!(suffixed_name("pi", id, &none), "pi-abcdef");
+        let taken = BTreeSet::from(["pi-abcdef".to_owned(), "pi-abcdef01".to_owned()]);
+        assert_eq!(suffixed_name("pi", id, &taken), "pi-abcdef0123");
+        let long = "x".repeat(63);
+        let n = suffixed_name(&long, id, &none);
+        assert_eq!(n.len(), 63);
+        assert!(n.ends_with("-abcdef"));
+    }
+
+    #[test]
+    fn lowest_free_subnet_skips_first_and_last() {
+        let net: Subnet = "10.1.0.0/22".parse().unwrap();
+        let mut used = BTreeSet::new();
+        let a = lowest_free_subnet(net, &used).unwrap();
+        assert_eq!(a.to_string(), "10.1.1.0/24");
+        used.insert(a);
+        let b = lowest_free_subnet(net, &used).unwrap();
+        assert_eq!(b.to_string(), "10.1.2.0/24");
+        used.insert(b);
+        assert_eq!(lowest_free_subnet(net, &used), None);
+        let tiny: Subnet = "10.1.0.0/25".parse().unwrap();
+        assert_eq!(lowest_free_subnet(tiny, &BTreeSet::new()), None);
+    }
 }

@@ -8,8 +8,9 @@
 //! answered until neither side has anything to send. Messages of one session
 //! arrive in order (a stream), but the messages of all sessions of a round are
 //! delivered in a random interleaving. A lost message aborts its session
-//! (both sides drop their `PeerSync`), as a broken stream would. A replica
-//! that received changes calls [`ClusterState::resolve_conflicts`].
+//! (both sides drop their `PeerSync`), as a broken stream would. When a
+//! session ends or breaks, each side that received changes in it calls
+//! [`ClusterState::resolve_conflicts`].
 //!
 //! All randomness comes from the `next_u64` function given to [`Sim::new`];
 //! the same seed gives the same run.
@@ -38,8 +39,13 @@ pub struct Stats {
     pub bytes_sent: u64,
     /// Messages the receiver rejected (should stay 0).
     pub receive_errors: u64,
+    /// Sessions not opened because both replicas had the same heads digest
+    /// (what the agent learns from gossip before it syncs).
+    pub sessions_skipped: u64,
     /// `resolve_conflicts` calls that changed something.
     pub resolutions: u64,
+    /// Fixes made, by kind (`machine_moved`, `container_readdressed`, ...).
+    pub fixes: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Upper bound on messages per session; a session that exceeds it is aborted.
@@ -54,6 +60,9 @@ struct Session {
     to_b: VecDeque<Vec<u8>>,
     to_a: VecDeque<Vec<u8>>,
     messages: usize,
+    /// Whether a received message changed a's (b's) document.
+    changed_a: bool,
+    changed_b: bool,
 }
 
 /// Replicas plus the network between them.
@@ -62,6 +71,7 @@ pub struct Sim {
     /// Partition group of each replica: replicas talk only within a group.
     groups: Vec<u32>,
     loss_per_mille: u64,
+    sessions_per_round: Option<usize>,
     next_u64: Box<dyn FnMut() -> u64>,
     pub stats: Stats,
 }
@@ -74,6 +84,7 @@ impl Sim {
             replicas,
             groups: vec![0; n],
             loss_per_mille: 0,
+            sessions_per_round: None,
             next_u64: Box::new(next_u64),
             stats: Stats::default(),
         }
@@ -87,6 +98,12 @@ impl Sim {
     /// Probability, in thousandths, that a message is lost.
     pub fn set_loss_per_mille(&mut self, loss: u64) {
         self.loss_per_mille = loss.min(1000);
+    }
+
+    /// How many replicas (chosen at random) open a session in each round;
+    /// `None` (the default): every replica does.
+    pub fn set_sessions_per_round(&mut self, n: Option<usize>) {
+        self.sessions_per_round = n;
     }
 
     /// Cuts the network: replica `i` reaches only replicas with the same `groups[i]`.
@@ -118,7 +135,8 @@ impl Sim {
         Ok((out, change))
     }
 
-    /// One round: every replica opens a session with a random other replica;
+    /// One round: every replica (or `sessions_per_round` random ones) opens
+    /// a session with a random other replica, unless both have the same heads;
     /// all sessions run at once, their messages delivered in random order.
     /// Returns how many messages changed their receiver's document.
     pub fn round(&mut self) -> usize {
@@ -127,9 +145,17 @@ impl Sim {
         if n < 2 {
             return 0;
         }
-        let mut sessions: Vec<Option<Session>> = Vec::with_capacity(n);
-        for a in 0..n {
+        let initiators: Vec<usize> = match self.sessions_per_round {
+            None => (0..n).collect(),
+            Some(k) => (0..k).map(|_| self.below(n as u64) as usize).collect(),
+        };
+        let mut sessions: Vec<Option<Session>> = Vec::with_capacity(initiators.len());
+        for a in initiators {
             let b = (a + 1 + self.below(n as u64 - 1) as usize) % n;
+            if self.replicas[a].heads_digest() == self.replicas[b].heads_digest() {
+                self.stats.sessions_skipped += 1;
+                continue;
+            }
             self.stats.sessions += 1;
             if self.groups[a] != self.groups[b] {
                 self.stats.sessions_aborted += 1;
@@ -143,6 +169,8 @@ impl Sim {
                 to_b: VecDeque::new(),
                 to_a: VecDeque::new(),
                 messages: 0,
+                changed_a: false,
+                changed_b: false,
             };
             self.refill(&mut s);
             sessions.push(Some(s));
@@ -158,10 +186,10 @@ impl Sim {
                 ready.swap_remove(pick);
                 continue;
             };
-            match self.deliver_one(&mut s) {
+            let finished = match self.deliver_one(&mut s) {
                 Delivery::Aborted => {
                     self.stats.sessions_aborted += 1;
-                    ready.swap_remove(pick);
+                    true
                 }
                 Delivery::Delivered { changed: c } => {
                     changed += usize::from(c);
@@ -169,17 +197,46 @@ impl Sim {
                         self.refill(&mut s);
                     }
                     if s.to_a.is_empty() && s.to_b.is_empty() {
-                        ready.swap_remove(pick);
+                        true
                     } else if s.messages >= MAX_SESSION_MESSAGES {
                         self.stats.sessions_aborted += 1;
-                        ready.swap_remove(pick);
+                        true
                     } else {
-                        sessions[id] = Some(s);
+                        false
                     }
                 }
+            };
+            if finished {
+                ready.swap_remove(pick);
+                // Like the agent: resolve once a sync stream has ended (or
+                // broken) and brought changes.
+                for (replica, changed) in [(s.a, s.changed_a), (s.b, s.changed_b)] {
+                    if changed {
+                        self.resolve(replica);
+                    }
+                }
+            } else {
+                sessions[id] = Some(s);
             }
         }
         changed
+    }
+
+    fn resolve(&mut self, replica: usize) {
+        let fixes = self.replicas[replica].resolve_conflicts();
+        if !fixes.is_empty() {
+            self.stats.resolutions += 1;
+        }
+        for fix in fixes {
+            let kind = match fix {
+                crate::Fix::MachineMoved { .. } => "machine_moved",
+                crate::Fix::MachineRenamed { .. } => "machine_renamed",
+                crate::Fix::ServiceRenamed { .. } => "service_renamed",
+                crate::Fix::ContainerReaddressed { .. } => "container_readdressed",
+                crate::Fix::ContainerRemoved { .. } => "container_removed",
+            };
+            *self.stats.fixes.entry(kind).or_default() += 1;
+        }
     }
 
     /// Asks both sides of a session for their next message.
@@ -227,8 +284,12 @@ impl Sim {
                 return Delivery::Aborted;
             }
         };
-        if changed && !replica.resolve_conflicts().is_empty() {
-            self.stats.resolutions += 1;
+        if changed {
+            if to_b {
+                s.changed_b = true;
+            } else {
+                s.changed_a = true;
+            }
         }
         if let Some(reply) = replica.generate_sync_message(state) {
             self.count_sent(&reply);
@@ -312,5 +373,113 @@ impl History {
             .copied()
             .filter(|&w| !writes.iter().any(|&o| o != w && self.precedes(w, o)))
             .collect()
+    }
+}
+
+/// A scenario for benchmarks: `replicas` agents start from one saved
+/// document; each round `joins_per_round` of them add their own machine
+/// (concurrently, so subnets and names collide), and `edits_per_round`
+/// random replicas create or update a service; then the network heals and
+/// runs without loss until every replica has the same document.
+#[derive(Clone, Debug)]
+pub struct Growth {
+    pub replicas: usize,
+    pub network: uc_proto::Subnet,
+    pub joins_per_round: usize,
+    pub edits_per_round: usize,
+    /// Loss while machines join and edit; the final convergence is lossless.
+    pub loss_per_mille: u64,
+    pub max_rounds: usize,
+}
+
+/// What a [`Growth`] run measured.
+#[derive(Clone, Debug)]
+pub struct GrowthReport {
+    /// Rounds while machines joined and edits happened.
+    pub busy_rounds: usize,
+    /// Lossless rounds after that until every replica was identical.
+    pub rounds_to_converge: usize,
+    pub stats: Stats,
+    /// Size of the final document, saved.
+    pub document_bytes: usize,
+    pub machines: usize,
+    pub services: usize,
+}
+
+impl Growth {
+    /// Runs the scenario; `next_u64` is the only randomness. Returns the
+    /// simulation too, so that callers can check the converged replicas.
+    pub fn run(
+        &self,
+        mut next_u64: impl FnMut() -> u64 + 'static,
+    ) -> Result<(GrowthReport, Sim), Error> {
+        let mut actor = || {
+            let mut a = [0u8; 16];
+            a[..8].copy_from_slice(&next_u64().to_le_bytes());
+            a[8..].copy_from_slice(&next_u64().to_le_bytes());
+            a
+        };
+        let mut root = ClusterState::new_cluster("growth", self.network, actor(), 0)?;
+        let saved = root.save();
+        let replicas = (0..self.replicas)
+            .map(|_| ClusterState::load(&saved, actor()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let machine_ids: Vec<[u8; 16]> = (0..self.replicas).map(|_| actor()).collect();
+        let service_ids: Vec<uc_proto::ServiceId> = (0..64)
+            .map(|_| uc_proto::ServiceId::from_bytes(actor()))
+            .collect();
+        let mut sim = Sim::new(replicas, next_u64);
+        sim.set_loss_per_mille(self.loss_per_mille);
+        let mut joined = 0;
+        let mut busy_rounds = 0;
+        let mut counter: u64 = 0;
+        while joined < self.replicas {
+            for _ in 0..self.joins_per_round.min(self.replicas - joined) {
+                let r = joined;
+                joined += 1;
+                let id = uc_proto::MachineId::from_bytes(machine_ids[r]);
+                for name in [format!("m{}", r % 97), format!("m{r}x")] {
+                    let m = crate::NewMachine {
+                        id: id.clone(),
+                        name,
+                        public_key: format!("pk{r}"),
+                        endpoints: vec![format!("192.0.2.1:{}", 1000 + r)],
+                        tags: Default::default(),
+                    };
+                    if sim
+                        .write(r, |s| s.add_machine(m, busy_rounds as u64))
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+            }
+            for _ in 0..self.edits_per_round {
+                counter += 1;
+                let r = sim.below(joined as u64) as usize;
+                let id = service_ids[sim.below(64) as usize].clone();
+                let name = format!("svc{}", sim.below(64));
+                let spec = serde_json::json!({ "image": "nginx", "v": counter });
+                // Name conflicts are expected and refused locally.
+                let _ = sim.write(r, |s| s.put_service(id, &name, spec, counter));
+            }
+            sim.round();
+            busy_rounds += 1;
+        }
+        sim.heal();
+        sim.set_loss_per_mille(0);
+        let rounds_to_converge = sim.run_until_converged(self.max_rounds).ok_or_else(|| {
+            Error::Malformed(format!("no convergence in {} rounds", self.max_rounds))
+        })?;
+        let first = &mut sim.replicas[0];
+        let report = GrowthReport {
+            busy_rounds,
+            rounds_to_converge,
+            stats: sim.stats.clone(),
+            document_bytes: first.save().len(),
+            machines: first.machines().len(),
+            services: first.services().len(),
+        };
+        Ok((report, sim))
     }
 }

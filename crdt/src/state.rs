@@ -21,12 +21,15 @@
 //! once, when the record is: two replicas creating the same object
 //! concurrently would produce two objects of which only one survives.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use automerge::sync::{Message, State as SyncState, SyncDoc};
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoCommit, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value};
+use automerge::{
+    ActorId, AutoCommit, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, ScalarValueRef, Value,
+    ValueRef,
+};
 use uc_proto::{ContainerId, MachineId, ServiceId, Subnet};
 
 use crate::error::{Error, JoinTokenProblem};
@@ -118,42 +121,102 @@ fn get_map(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ObjId> {
     }
 }
 
+/// One field of a record, read in a single pass over the record's map.
+enum Field {
+    Str(String),
+    U64(u64),
+    Null,
+    Map(ObjId),
+    Other,
+}
+
+/// All fields of the map `obj`: one pass over it, much cheaper than one
+/// `get` per field.
+fn fields(doc: &AutoCommit, obj: &ObjId) -> HashMap<String, Field> {
+    doc.map_range(obj, ..)
+        .map(|item| {
+            let field = match &item.value {
+                ValueRef::Object(ObjType::Map) => Field::Map(item.id()),
+                ValueRef::Scalar(ScalarValueRef::Str(s)) => Field::Str(s.to_string()),
+                ValueRef::Scalar(ScalarValueRef::Uint(n)) => Field::U64(*n),
+                ValueRef::Scalar(ScalarValueRef::Int(n)) => {
+                    u64::try_from(*n).map_or(Field::Other, Field::U64)
+                }
+                ValueRef::Scalar(ScalarValueRef::Null) => Field::Null,
+                _ => Field::Other,
+            };
+            (item.key.into_owned(), field)
+        })
+        .collect()
+}
+
+/// The records of the map `obj` whose key parses as an id: (id, record map).
+fn records<'a, I: std::str::FromStr + 'a>(
+    doc: &'a AutoCommit,
+    obj: &ObjId,
+) -> impl Iterator<Item = (I, ObjId)> + 'a {
+    doc.map_range(obj, ..).filter_map(|item| match item.value {
+        ValueRef::Object(ObjType::Map) => Some((item.key.parse().ok()?, item.id())),
+        _ => None,
+    })
+}
+
+fn field_str(f: &HashMap<String, Field>, key: &str) -> Option<String> {
+    match f.get(key)? {
+        Field::Str(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn field_u64(f: &HashMap<String, Field>, key: &str) -> Option<u64> {
+    match f.get(key)? {
+        Field::U64(n) => Some(*n),
+        _ => None,
+    }
+}
+
 fn read_machine(doc: &AutoCommit, obj: &ObjId, id: MachineId) -> Option<Machine> {
-    let endpoints = serde_json::from_str(&get_str(doc, obj, "endpoints")?).ok()?;
-    let tags_obj = get_map(doc, obj, "tags")?;
+    let f = fields(doc, obj);
+    let endpoints = serde_json::from_str(&field_str(&f, "endpoints")?).ok()?;
+    let Some(Field::Map(tags_obj)) = f.get("tags") else {
+        return None;
+    };
     Some(Machine {
         id,
-        name: get_str(doc, obj, "name")?,
-        public_key: get_str(doc, obj, "public_key")?,
+        name: field_str(&f, "name")?,
+        public_key: field_str(&f, "public_key")?,
         endpoints,
-        subnet: get_str(doc, obj, "subnet")?.parse().ok()?,
-        tags: doc.keys(&tags_obj).collect(),
-        state: MachineState::parse(&get_str(doc, obj, "state")?)?,
-        created_at_ms: get_u64(doc, obj, "created_at_ms")?,
+        subnet: field_str(&f, "subnet")?.parse().ok()?,
+        tags: doc.keys(tags_obj).collect(),
+        state: MachineState::parse(&field_str(&f, "state")?)?,
+        created_at_ms: field_u64(&f, "created_at_ms")?,
     })
 }
 
 fn read_service(doc: &AutoCommit, obj: &ObjId, id: ServiceId) -> Option<Service> {
+    let f = fields(doc, obj);
     Some(Service {
         id,
-        name: get_str(doc, obj, "name")?,
-        spec: serde_json::from_str(&get_str(doc, obj, "spec")?).ok()?,
-        created_at_ms: get_u64(doc, obj, "created_at_ms")?,
+        name: field_str(&f, "name")?,
+        spec: serde_json::from_str(&field_str(&f, "spec")?).ok()?,
+        created_at_ms: field_u64(&f, "created_at_ms")?,
     })
 }
 
 fn read_container(doc: &AutoCommit, obj: &ObjId, id: ContainerId) -> Option<Container> {
-    let address = match get_value(doc, obj, "address")? {
-        Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Null) => None,
-        v => Some(v.as_str()?.parse().ok()?),
+    let f = fields(doc, obj);
+    let address = match f.get("address")? {
+        Field::Null => None,
+        Field::Str(s) => Some(s.parse().ok()?),
+        _ => return None,
     };
     Some(Container {
         id,
-        service: get_str(doc, obj, "service")?.parse().ok()?,
-        machine: get_str(doc, obj, "machine")?.parse().ok()?,
+        service: field_str(&f, "service")?.parse().ok()?,
+        machine: field_str(&f, "machine")?.parse().ok()?,
         address,
-        desired: DesiredState::parse(&get_str(doc, obj, "desired")?)?,
-        created_at_ms: get_u64(doc, obj, "created_at_ms")?,
+        desired: DesiredState::parse(&field_str(&f, "desired")?)?,
+        created_at_ms: field_u64(&f, "created_at_ms")?,
     })
 }
 
@@ -284,9 +347,14 @@ impl ClusterState {
     }
 
     /// Applies bytes from [`Self::save_incremental`] (or [`Self::save`]) of
-    /// another replica of the same cluster. Note: automerge applies the valid
-    /// leading part of truncated input and ignores the rest.
+    /// this or another replica of the same cluster. Corrupt or truncated
+    /// input is an error and changes nothing (automerge itself would apply
+    /// the valid leading part and ignore the rest).
     pub fn load_incremental(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        check_chunks(bytes).map_err(|reason| Error::Load {
+            len: bytes.len(),
+            reason,
+        })?;
         self.doc.load_incremental(bytes).map_err(|e| Error::Load {
             len: bytes.len(),
             reason: e.to_string(),
@@ -330,14 +398,8 @@ impl ClusterState {
 
     /// All machines, removed ones included, sorted by (created_at_ms, id).
     pub fn machines(&self) -> Vec<Machine> {
-        let mut out: Vec<Machine> = self
-            .doc
-            .keys(&self.roots.machines)
-            .filter_map(|key| {
-                let id: MachineId = key.parse().ok()?;
-                let obj = get_map(&self.doc, &self.roots.machines, &key)?;
-                read_machine(&self.doc, &obj, id)
-            })
+        let mut out: Vec<_> = records::<MachineId>(&self.doc, &self.roots.machines)
+            .filter_map(|(id, obj)| read_machine(&self.doc, &obj, id))
             .collect();
         out.sort_by_key(priority_machine);
         out
@@ -533,14 +595,8 @@ impl ClusterState {
 
     /// All services, sorted by (created_at_ms, id).
     pub fn services(&self) -> Vec<Service> {
-        let mut out: Vec<Service> = self
-            .doc
-            .keys(&self.roots.services)
-            .filter_map(|key| {
-                let id: ServiceId = key.parse().ok()?;
-                let obj = get_map(&self.doc, &self.roots.services, &key)?;
-                read_service(&self.doc, &obj, id)
-            })
+        let mut out: Vec<_> = records::<ServiceId>(&self.doc, &self.roots.services)
+            .filter_map(|(id, obj)| read_service(&self.doc, &obj, id))
             .collect();
         out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         out
@@ -650,14 +706,8 @@ impl ClusterState {
 
     /// All containers, sorted by (created_at_ms, id).
     pub fn containers(&self) -> Vec<Container> {
-        let mut out: Vec<Container> = self
-            .doc
-            .keys(&self.roots.containers)
-            .filter_map(|key| {
-                let id: ContainerId = key.parse().ok()?;
-                let obj = get_map(&self.doc, &self.roots.containers, &key)?;
-                read_container(&self.doc, &obj, id)
-            })
+        let mut out: Vec<_> = records::<ContainerId>(&self.doc, &self.roots.containers)
+            .filter_map(|(id, obj)| read_container(&self.doc, &obj, id))
             .collect();
         out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         out
@@ -953,4 +1003,60 @@ impl ClusterState {
 
 fn endpoints_text(endpoints: &[String]) -> String {
     serde_json::to_string(endpoints).unwrap_or_else(|_| "[]".to_owned())
+}
+
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Checks that `bytes` is a sequence of whole, intact automerge chunks:
+/// documents (from `save`) or changes (from `save_incremental`).
+fn check_chunks(bytes: &[u8]) -> Result<(), String> {
+    let mut rest = bytes;
+    let mut offset = 0;
+    while !rest.is_empty() {
+        let header_err = || format!("truncated or corrupt chunk at byte {offset}");
+        if rest.len() < 9 || rest[..4] != CHUNK_MAGIC {
+            return Err(header_err());
+        }
+        let chunk_type = rest[8];
+        let (data_len, leb_len) = read_leb128(&rest[9..]).ok_or_else(header_err)?;
+        let total = usize::try_from(data_len)
+            .ok()
+            .and_then(|n| n.checked_add(9 + leb_len))
+            .filter(|&t| t <= rest.len())
+            .ok_or_else(header_err)?;
+        let chunk = &rest[..total];
+        match chunk_type {
+            0 => {
+                AutoCommit::load(chunk)
+                    .map_err(|e| format!("document chunk at byte {offset}: {e}"))?;
+            }
+            1 | 2 => {
+                let change = automerge::Change::try_from(chunk)
+                    .map_err(|e| format!("change chunk at byte {offset}: {e}"))?;
+                if change.hash().0[..4] != chunk[4..8] {
+                    return Err(format!("change chunk at byte {offset}: bad checksum"));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "chunk at byte {offset}: unexpected chunk type {other}"
+                ));
+            }
+        }
+        rest = &rest[total..];
+        offset += total;
+    }
+    Ok(())
+}
+
+/// An unsigned LEB128 number: its value and how many bytes it took.
+fn read_leb128(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f).checked_shl(7 * i as u32)?;
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
 }
