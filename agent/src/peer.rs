@@ -72,7 +72,9 @@ impl Peer for PeerService {
                     return;
                 }
                 let incoming = (!frame.message.is_empty()).then_some(frame.message.as_slice());
-                let step = tokio::task::block_in_place(|| node.sync_step(&mut peer, incoming));
+                // No fsync on this path (received changes are stored lazily): a
+                // short, CPU-only step, run in place.
+                let step = node.sync_step(&mut peer, incoming);
                 let reply = match step {
                     Ok(out) => Ok(SyncFrame {
                         cluster_id: node.cluster_id.clone(),
@@ -249,7 +251,7 @@ pub async fn sync_session(node: &Node, client: &mut PeerClient<Channel>) -> anyh
         message: message.unwrap_or_default(),
     };
     let mut peer = PeerSync::new();
-    let first = tokio::task::block_in_place(|| node.sync_step(&mut peer, None))?;
+    let first = node.sync_step(&mut peer, None)?;
     let (tx, rx) = mpsc::channel(4);
     tx.send(frame(first)).await?;
     let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
@@ -259,7 +261,7 @@ pub async fn sync_session(node: &Node, client: &mut PeerClient<Channel>) -> anyh
             .await?
             .ok_or_else(|| anyhow::anyhow!("peer closed the sync session early"))?;
         let incoming = (!reply.message.is_empty()).then_some(reply.message.as_slice());
-        let out = tokio::task::block_in_place(|| node.sync_step(&mut peer, incoming))?;
+        let out = node.sync_step(&mut peer, incoming)?;
         if out.is_none() && incoming.is_none() {
             return Ok(());
         }

@@ -21,12 +21,17 @@ use crate::peer;
 /// local write needs pushing.
 const ANTI_ENTROPY_COOLDOWN: Duration = Duration::from_millis(400);
 const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a peer's digest must differ from ours before an anti-entropy
+/// session is started for it.
+const ANTI_ENTROPY_DELAY: Duration = Duration::from_millis(1500);
 
 struct PeerSlot {
     client: Option<(String, PeerClient<tonic::transport::Channel>)>,
     in_flight: bool,
     again: bool,
     next_allowed: Instant,
+    /// Since when the peer's gossiped heads have differed from ours.
+    differs_since: Option<Instant>,
 }
 
 pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken) {
@@ -108,9 +113,18 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
                     in_flight: false,
                     again: false,
                     next_allowed: now,
+                    differs_since: None,
                 });
+                // Gossiped digests lag behind pushes: right after a write,
+                // every peer's digest differs for a moment. Anti-entropy is
+                // for differences that last; a machine still catching up
+                // does not wait.
                 let differs = info.heads.as_deref() != Some(ours.as_str());
-                let wanted = push_all || slot.again || (differs && now >= slot.next_allowed);
+                slot.differs_since = if differs { slot.differs_since.or(Some(now)) } else { None };
+                let lasting = slot
+                    .differs_since
+                    .is_some_and(|t| now.duration_since(t) >= ANTI_ENTROPY_DELAY || !node.is_ready());
+                let wanted = push_all || slot.again || (lasting && now >= slot.next_allowed);
                 if !wanted {
                     continue;
                 }
