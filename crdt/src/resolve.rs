@@ -3,7 +3,10 @@
 //!
 //! Rules, in order; "priority" is the smaller (created_at_ms, id):
 //! 1. Active machines sharing a subnet: the highest-priority one keeps it;
-//!    the others, in priority order, move to the lowest free /24.
+//!    the others, in priority order, move to a free /24 found by probing
+//!    from a hash of their id (not the lowest free one: machines moved at
+//!    the same time on both sides of a partition would all pick the same
+//!    lowest /24 and collide again after the heal).
 //! 2. Active machines sharing a name: the others are renamed
 //!    `<name>-<first 6 hex digits of id>` (more digits if that name is in
 //!    use too). Same for services.
@@ -31,6 +34,25 @@ pub(crate) const MACHINE_PREFIX: u8 = 24;
 pub(crate) fn lowest_free_subnet(network: Subnet, used: &BTreeSet<Subnet>) -> Option<Subnet> {
     let count = 1u32.checked_shl(u32::from(MACHINE_PREFIX.checked_sub(network.prefix())?))?;
     (1..count.saturating_sub(1))
+        .filter_map(|i| network.child(MACHINE_PREFIX, i))
+        .find(|s| !used.contains(s))
+}
+
+/// The first /24 of `network` not in `used`, probing from a place derived
+/// from `id` (FNV-1a), skipping the first and the last /24 of the network.
+pub(crate) fn probed_free_subnet(
+    network: Subnet,
+    used: &BTreeSet<Subnet>,
+    id: &str,
+) -> Option<Subnet> {
+    let count = 1u32.checked_shl(u32::from(MACHINE_PREFIX.checked_sub(network.prefix())?))?;
+    let usable = count.checked_sub(2).filter(|n| *n > 0)?;
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let start = (hash % u64::from(usable)) as u32;
+    (0..usable)
+        .map(|k| 1 + (start + k) % usable)
         .filter_map(|i| network.child(MACHINE_PREFIX, i))
         .find(|s| !used.contains(s))
 }
@@ -75,7 +97,7 @@ pub(crate) fn plan(
         if holders.insert(m.subnet) {
             continue;
         }
-        if let Some(to) = lowest_free_subnet(network, &used) {
+        if let Some(to) = probed_free_subnet(network, &used, m.id.as_str()) {
             used.insert(to);
             holders.insert(to);
             fixes.push(Fix::MachineMoved {
@@ -196,6 +218,34 @@ mod tests {
         let n = suffixed_name(&long, id, &none);
         assert_eq!(n.len(), 63);
         assert!(n.ends_with("-abcdef"));
+    }
+
+    #[test]
+    fn probed_free_subnets_spread_and_skip_used_first_and_last() {
+        let net: Subnet = "10.210.0.0/16".parse().unwrap();
+        let mut used = BTreeSet::new();
+        let a = probed_free_subnet(net, &used, "aaaa").unwrap();
+        let b = probed_free_subnet(net, &used, "bbbb").unwrap();
+        assert_ne!(a, b, "different ids start probing at different places");
+        assert_eq!(
+            probed_free_subnet(net, &used, "aaaa"),
+            Some(a),
+            "deterministic"
+        );
+        used.insert(a);
+        let a2 = probed_free_subnet(net, &used, "aaaa").unwrap();
+        assert_ne!(a2, a);
+        for i in 1..255 {
+            used.insert(net.child(24, i).unwrap());
+        }
+        assert_eq!(probed_free_subnet(net, &used, "aaaa"), None, "full network");
+        let first_and_last = [net.child(24, 0).unwrap(), net.child(24, 255).unwrap()];
+        let mut none = BTreeSet::new();
+        for id in ["x", "y", "z", "w", "v"] {
+            let s = probed_free_subnet(net, &none, id).unwrap();
+            assert!(!first_and_last.contains(&s));
+            none.insert(s);
+        }
     }
 
     #[test]

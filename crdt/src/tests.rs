@@ -700,6 +700,11 @@ fn concurrent_joins_conflict_and_resolve_the_same_way_everywhere() {
     a.merge(&mut b).unwrap();
     b.merge(&mut a).unwrap();
 
+    // The loser probes for a free /24 from a hash of its id.
+    let mut used = std::collections::BTreeSet::new();
+    used.insert(sn("10.210.1.0/24"));
+    let moved_to = crate::resolve::probed_free_subnet(net(), &used, mid(2).as_str()).unwrap();
+    let host7 = moved_to.host(7).unwrap();
     let fixes_a = a.resolve_conflicts();
     let fixes_b = b.resolve_conflicts();
     assert_eq!(fixes_a, fixes_b);
@@ -710,7 +715,7 @@ fn concurrent_joins_conflict_and_resolve_the_same_way_everywhere() {
             Fix::MachineMoved {
                 machine: mid(2),
                 from: sn("10.210.1.0/24"),
-                to: sn("10.210.2.0/24")
+                to: moved_to
             },
             Fix::MachineRenamed {
                 machine: mid(2),
@@ -725,7 +730,7 @@ fn concurrent_joins_conflict_and_resolve_the_same_way_everywhere() {
             Fix::ContainerReaddressed {
                 container: cid(1),
                 from: Ipv4Addr::new(10, 210, 1, 7),
-                to: Ipv4Addr::new(10, 210, 2, 7)
+                to: host7
             },
         ]
     );
@@ -736,10 +741,7 @@ fn concurrent_joins_conflict_and_resolve_the_same_way_everywhere() {
     assert_eq!(a.heads_digest(), b.heads_digest());
     assert!(a.resolve_conflicts().is_empty());
     assert_eq!(a.machine_by_name("pi").unwrap().id, mid(1));
-    assert_eq!(
-        a.machine_by_name(&renamed).unwrap().subnet,
-        sn("10.210.2.0/24")
-    );
+    assert_eq!(a.machine_by_name(&renamed).unwrap().subnet, moved_to);
 }
 
 #[test]

@@ -206,7 +206,19 @@ fn container_addresses_follow_a_moved_machine() {
     a.merge(&mut b).unwrap();
     a.resolve_conflicts();
     let subnet = a.machine(&mid(2)).unwrap().subnet;
-    assert_eq!(subnet.to_string(), "10.210.2.0/24");
+    // Machine 1 (older) keeps 10.210.1.0/24; machine 2 moves elsewhere.
+    assert_eq!(
+        a.machine(&mid(1)).unwrap().subnet.to_string(),
+        "10.210.1.0/24"
+    );
+    assert_ne!(subnet.to_string(), "10.210.1.0/24");
+    assert_eq!(subnet.prefix(), 24);
+    assert!(
+        "10.210.0.0/16"
+            .parse::<uc_proto::Subnet>()
+            .unwrap()
+            .contains(subnet.addr())
+    );
     let mut hosts: Vec<Ipv4Addr> = a
         .containers()
         .into_iter()
