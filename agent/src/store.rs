@@ -162,10 +162,7 @@ impl Store {
             if self.lazy {
                 // Nothing new to append: commit an empty durable transaction,
                 // which makes the earlier ones durable.
-                let w = |e: &dyn std::fmt::Display| StoreError::Write {
-                    path: self.path.clone(),
-                    source: e.to_string().into(),
-                };
+                let w = self.write_error();
                 let txn = self.db.begin_write().map_err(|e| w(&e))?;
                 txn.commit().map_err(|e| w(&e))?;
                 self.lazy = false;
@@ -182,10 +179,7 @@ impl Store {
         if bytes.is_empty() {
             return Ok(());
         }
-        let w = |e: &dyn std::fmt::Display| StoreError::Write {
-            path: self.path.clone(),
-            source: e.to_string().into(),
-        };
+        let w = self.write_error();
         let mut txn = self.db.begin_write().map_err(|e| w(&e))?;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -207,10 +201,7 @@ impl Store {
     /// changes, in one transaction.
     pub fn write_snapshot(&mut self, doc: &mut ClusterState) -> Result<(), StoreError> {
         let bytes = doc.save();
-        let w = |e: &dyn std::fmt::Display| StoreError::Write {
-            path: self.path.clone(),
-            source: e.to_string().into(),
-        };
+        let w = self.write_error();
         let txn = self.db.begin_write().map_err(|e| w(&e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| w(&e))?;
@@ -226,6 +217,15 @@ impl Store {
         self.chunks = 0;
         self.lazy = false;
         Ok(())
+    }
+
+    /// Turns a redb error into a `StoreError::Write` naming this file.
+    fn write_error(&self) -> impl Fn(&dyn std::fmt::Display) -> StoreError + use<> {
+        let path = self.path.clone();
+        move |e| StoreError::Write {
+            path: path.clone(),
+            source: e.to_string().into(),
+        }
     }
 
     pub fn path(&self) -> &Path {
