@@ -26,6 +26,9 @@ struct Args {
     /// Virtual seconds of steady state over which bytes are counted.
     #[arg(long, default_value_t = 10)]
     window_secs: u64,
+    /// chitchat wire protocol: 0 (what ucd runs) or 1 (compressed digests).
+    #[arg(long, default_value_t = 0)]
+    protocol: u8,
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -52,7 +55,7 @@ async fn run(n: usize, args: &Args) -> anyhow::Result<Row> {
     let interval = Duration::from_millis(args.gossip_ms);
     let mut handles: Vec<ChitchatHandle> = Vec::new();
     for i in 0..n {
-        let config = uc_agent::membership::chitchat_config(
+        let mut config = uc_agent::membership::chitchat_config(
             ChitchatId::new(
                 format!("{:032x}", i as u128 * 0x9e37_79b9_7f4a_7c15),
                 1_700_000_000_000,
@@ -66,6 +69,9 @@ async fn run(n: usize, args: &Args) -> anyhow::Result<Row> {
                 .map(|s| addr(s).to_string())
                 .collect(),
         );
+        if args.protocol == 1 {
+            config.protocol_version = chitchat::ProtocolVersion::V1;
+        }
         let kvs = vec![
             ("heads".to_string(), "0123456789abcdef".to_string()),
             ("peer".to_string(), format!("{}:51000", addr(i).ip())),
@@ -163,12 +169,14 @@ fn main() -> anyhow::Result<()> {
         d.map(|d| format!("{:.2} s", d.as_secs_f64()))
             .unwrap_or_else(|| "did not converge in 600 s".into())
     };
-    let mut md = String::from(
-        "<!-- gossip-sim:begin -->\n### Gossip at scale, simulated (`bench/gossip-sim.sh`)\n\n",
+    let marker = format!("gossip-sim-v{}", args.protocol);
+    let mut md = format!(
+        "<!-- {marker}:begin -->\n### Gossip at scale, simulated, wire protocol V{p} (`bench/gossip-sim.sh --protocol {p}`)\n\n",
+        p = args.protocol
     );
     md.push_str(&format!(
-        "chitchat configured as ucd configures it (gossip every {} ms, 3 peers a round, ucd's four keys per machine) on chitchat's in-memory transport, which serializes and counts every message, in virtual time (tokio paused clock). Membership: until every machine lists every machine live. Heads: until a changed heads digest on one machine is seen by all. Bytes: steady state over {} virtual seconds.\n\n",
-        args.gossip_ms, args.window_secs
+        "chitchat configured as ucd configures it (gossip every {} ms, 3 peers a round, ucd's four keys per machine; wire protocol V{}) on chitchat's in-memory transport, which serializes and counts every message, in virtual time (tokio paused clock). Membership: until every machine lists every machine live. Heads: until a changed heads digest on one machine is seen by all. Bytes: steady state over {} virtual seconds.\n\n",
+        args.gossip_ms, args.protocol, args.window_secs
     ));
     md.push_str("| machines | membership converged | heads digest everywhere | gossip bytes/s per machine | messages/s per machine |\n|---|---|---|---|---|\n");
     for r in &rows {
@@ -182,10 +190,10 @@ fn main() -> anyhow::Result<()> {
             r.messages_per_sec_per_machine
         ));
     }
-    md.push_str("<!-- gossip-sim:end -->");
+    md.push_str(&format!("<!-- {marker}:end -->"));
     println!("{md}");
     if let Some(out) = &args.out {
-        uc_bench::splice(out, "gossip-sim", &md)?;
+        uc_bench::splice(out, &marker, &md)?;
     }
     Ok(())
 }
