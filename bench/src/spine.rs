@@ -18,7 +18,9 @@ use tonic::transport::Channel;
 use uc_bench::percentile;
 use uc_e2e::{Cluster, ClusterBuilder};
 use uc_proto::v1::api_client::ApiClient;
-use uc_proto::v1::{ListMachinesRequest, PutServiceRequest, StatusRequest, WatchHeadsRequest};
+use uc_proto::v1::{
+    ListMachinesRequest, MachineInfo, PutServiceRequest, StatusRequest, WatchHeadsRequest,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -239,6 +241,15 @@ async fn ucd_propagation(
     Ok(out)
 }
 
+/// What one agent says of every machine.
+async fn machines(c: &ApiClient<Channel>) -> anyhow::Result<Vec<MachineInfo>> {
+    Ok(c.clone()
+        .list_machines(ListMachinesRequest {})
+        .await?
+        .into_inner()
+        .machines)
+}
+
 /// Kills the last machine and times, per other machine, until it says dead.
 async fn ucd_detection(
     cluster: &mut Cluster,
@@ -257,12 +268,7 @@ async fn ucd_detection(
             if found.contains_key(&i) {
                 continue;
             }
-            let ms = c
-                .clone()
-                .list_machines(ListMachinesRequest {})
-                .await?
-                .into_inner()
-                .machines;
+            let ms = machines(c).await?;
             if ms.iter().any(|m| m.name == name && m.liveness == "dead") {
                 found.insert(i, t0.elapsed().as_secs_f64() * 1000.0);
             }
@@ -285,12 +291,7 @@ async fn ucd_soak(clients: &[ApiClient<Channel>], n: usize, secs: u64) -> anyhow
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
         for c in clients {
-            let ms = c
-                .clone()
-                .list_machines(ListMachinesRequest {})
-                .await?
-                .into_inner()
-                .machines;
+            let ms = machines(c).await?;
             s.polls += 1;
             for m in ms.iter().filter(|m| !m.is_self) {
                 match m.liveness.as_str() {
