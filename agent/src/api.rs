@@ -189,8 +189,8 @@ impl Api for ApiService {
     ) -> Result<Response<PutServiceResponse>, Status> {
         self.ready().await?;
         let r = request.into_inner();
-        crate::config::validate_name(&r.name)
-            .map_err(|e| Status::invalid_argument(e.replace("machine name", "service name")))?;
+        uc_crdt::check_name("service", &r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let spec: serde_json::Value = if r.spec_json.trim().is_empty() {
             serde_json::json!({})
         } else {
@@ -238,12 +238,7 @@ impl Api for ApiService {
             .node
             .read(|doc| doc.machine_by_name(&r.machine).map(|m| m.id))
             .ok_or_else(|| self.machine_not_found(&r.machine))?;
-        if r.tag.is_empty() || !r.tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(Status::invalid_argument(format!(
-                "invalid tag {:?}: use letters, digits and '-'",
-                r.tag
-            )));
-        }
+        crate::config::validate_tag(&r.tag).map_err(Status::invalid_argument)?;
         self.write(|doc| doc.set_machine_tag(&id, &r.tag, !r.remove))?;
         Ok(Response::new(TagMachineResponse {}))
     }

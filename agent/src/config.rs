@@ -154,8 +154,8 @@ impl Args {
         };
 
         let mut problems = Vec::new();
-        if let Err(e) = validate_name(&name) {
-            problems.push(e);
+        if let Err(e) = uc_crdt::check_name("machine", &name) {
+            problems.push(e.to_string());
         }
         let advertise_addr = match advertise_addr {
             Some(a) if a.is_unspecified() => {
@@ -176,8 +176,8 @@ impl Args {
             endpoints.push(advertise_addr.to_string());
         }
         for tag in &tags {
-            if tag.is_empty() || !tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                problems.push(format!("invalid tag {tag:?}: use letters, digits and '-'"));
+            if let Err(e) = validate_tag(tag) {
+                problems.push(e);
             }
         }
         let gossip_interval = Duration::from_millis(
@@ -223,21 +223,12 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
-/// Machine names become DNS labels (`<name>.machine.internal`).
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+/// Tags are short words such as `ingress`.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    if !tag.is_empty() && tag.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         Ok(())
     } else {
-        Err(format!(
-            "invalid machine name {name:?}: use 1 to 63 lower-case letters, digits and '-', not starting or ending with '-'"
-        ))
+        Err(format!("invalid tag {tag:?}: use letters, digits and '-'"))
     }
 }
 

@@ -107,7 +107,8 @@ impl Peer for PeerService {
             .machine_id
             .parse()
             .map_err(|e| Status::invalid_argument(format!("{e}")))?;
-        crate::config::validate_name(&r.name).map_err(Status::invalid_argument)?;
+        uc_crdt::check_name("machine", &r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !node.wait_ready(Duration::from_secs(5)).await {
             return Err(Status::unavailable(
                 "this machine is still catching up with the cluster; try again shortly",

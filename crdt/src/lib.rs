@@ -15,7 +15,7 @@ pub mod sim;
 
 pub use error::{Error, JoinTokenProblem};
 pub use model::{Container, DesiredState, Fix, Machine, MachineState, NewMachine, Service};
-pub use state::{ClusterState, PeerSync};
+pub use state::{ClusterState, PeerSync, check_name};
 
 #[cfg(test)]
 mod tests;

@@ -232,7 +232,9 @@ fn address_value(address: Option<Ipv4Addr>) -> ScalarValue {
 }
 
 /// DNS label rules: names end up in DNS.
-fn check_name(kind: &'static str, name: &str) -> Result<(), Error> {
+/// Checks that `name` can be a DNS label (`<name>.internal`,
+/// `<name>.machine.internal`); `kind` names the thing in the error.
+pub fn check_name(kind: &'static str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
