@@ -4,7 +4,8 @@
 # end-to-end tests that run real agents in network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/deps.sh
+# nftables: the e2e machines firewall their underlay; iputils-ping: the mesh is pinged.
+source scripts/deps.sh nftables iputils-ping
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

@@ -561,6 +561,15 @@ impl ClusterState {
         })
     }
 
+    /// Publishes the machine's WireGuard public key (base64).
+    pub fn set_machine_public_key(&mut self, id: &MachineId, key: &str) -> Result<(), Error> {
+        let (obj, m) = self.active_machine_obj(id)?;
+        if m.public_key == key {
+            return Ok(());
+        }
+        self.change(|s| s.doc.put(&obj, "public_key", key).map_err(malformed))
+    }
+
     /// Adds (`present`) or removes a tag; concurrent add and remove of the
     /// same tag: the add wins.
     pub fn set_machine_tag(

@@ -222,7 +222,9 @@ fn machine_edits() {
     s.set_machine_tag(&mid(1), "linux", false).unwrap();
     s.set_machine_tag(&mid(1), "absent", false).unwrap();
     s.rename_machine(&mid(1), "alpha").unwrap();
+    s.set_machine_public_key(&mid(1), "pubkey-a").unwrap();
     let m = s.machine(&mid(1)).unwrap();
+    assert_eq!(m.public_key, "pubkey-a");
     assert_eq!(
         m.endpoints,
         vec!["198.51.100.1:51000", "[2001:db8::1]:51000"]
@@ -239,11 +241,14 @@ fn machine_edits() {
     assert!(matches!(e, Error::UnknownMachine(_)), "{e}");
     let e = assert_unchanged(&mut s, |s| s.set_machine_tag(&mid(9), "t", true));
     assert!(matches!(e, Error::UnknownMachine(_)), "{e}");
+    let e = assert_unchanged(&mut s, |s| s.set_machine_public_key(&mid(9), "k"));
+    assert!(matches!(e, Error::UnknownMachine(_)), "{e}");
 
     // No-op edits make no change.
     s.save_incremental();
     s.rename_machine(&mid(1), "alpha").unwrap();
     s.set_machine_tag(&mid(1), "gpu", true).unwrap();
+    s.set_machine_public_key(&mid(1), "pubkey-a").unwrap();
     s.set_machine_endpoints(&mid(1), m.endpoints.clone())
         .unwrap();
     assert!(s.save_incremental().is_empty());

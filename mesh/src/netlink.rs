@@ -1,0 +1,82 @@
+//! Addresses and link state of the mesh interface, through rtnetlink, and
+//! the probe for the kernel's WireGuard module.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
+
+/// A netlink request that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening a netlink socket: {0}")]
+    Connect(std::io::Error),
+    #[error("interface {0} not found")]
+    NoLink(String),
+    #[error("{what} on interface {link}: {source}")]
+    Request {
+        what: String,
+        link: String,
+        source: rtnetlink::Error,
+    },
+}
+
+async fn handle() -> Result<Handle, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn link_index(h: &Handle, name: &str) -> Result<u32, NetlinkError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(l)) => Ok(l.header.index),
+        _ => Err(NetlinkError::NoLink(name.to_string())),
+    }
+}
+
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+/// Gives `link` its addresses (each `(address, prefix)`; an address it
+/// already has is fine), sets its MTU and brings it up.
+pub async fn configure(link: &str, addrs: &[(IpAddr, u8)], mtu: u32) -> Result<(), NetlinkError> {
+    let h = handle().await?;
+    let index = link_index(&h, link).await?;
+    let req = |what: &str, source| NetlinkError::Request {
+        what: what.to_string(),
+        link: link.to_string(),
+        source,
+    };
+    h.link()
+        .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+        .execute()
+        .await
+        .map_err(|e| req("setting MTU and up", e))?;
+    for (addr, prefix) in addrs {
+        if let Err(e) = h.address().add(index, *addr, *prefix).execute().await
+            && !is_exists(&e)
+        {
+            return Err(req(&format!("adding address {addr}/{prefix}"), e));
+        }
+    }
+    Ok(())
+}
+
+/// Whether this kernel can make WireGuard interfaces (it tries to make one
+/// and deletes it at once).
+pub async fn kernel_wireguard_available() -> bool {
+    let Ok(h) = handle().await else { return false };
+    let name = format!("ucprobe{}", std::process::id() % 100_000);
+    let made = h
+        .link()
+        .add(LinkWireguard::new(&name).build())
+        .execute()
+        .await
+        .is_ok();
+    if made && let Ok(i) = link_index(&h, &name).await {
+        let _ = h.link().del(i).execute().await;
+    }
+    made
+}
