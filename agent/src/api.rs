@@ -126,7 +126,20 @@ impl Api for ApiService {
                         p.map(|p| p.last_seen_unix_ms).unwrap_or(0),
                     )
                 };
+                let (v4, v6) = n
+                    .mesh
+                    .get()
+                    .map(|mesh| mesh.addresses_of(m.subnet))
+                    .unwrap_or((None, None));
+                let mesh_backend = if is_self {
+                    n.mesh.get().map(|x| x.backend.as_str().to_string())
+                } else {
+                    peers.get(&m.id).and_then(|p| p.mesh_backend.clone())
+                };
                 MachineInfo {
+                    mesh_address: v4.map(|a| a.to_string()).unwrap_or_default(),
+                    mesh_address_v6: v6.map(|a| a.to_string()).unwrap_or_default(),
+                    mesh_backend: mesh_backend.unwrap_or_default(),
                     id: m.id.to_string(),
                     name: m.name,
                     subnet: m.subnet.to_string(),
@@ -179,7 +192,7 @@ impl Api for ApiService {
         Ok(Response::new(CreateJoinTokenResponse {
             token,
             expires_unix_ms: expires,
-            peer_addresses: vec![self.node.config.peer_addr().to_string()],
+            peer_addresses: vec![self.node.config.join_addr().to_string()],
         }))
     }
 
@@ -241,5 +254,71 @@ impl Api for ApiService {
         crate::config::validate_tag(&r.tag).map_err(Status::invalid_argument)?;
         self.write(|doc| doc.set_machine_tag(&id, &r.tag, !r.remove))?;
         Ok(Response::new(TagMachineResponse {}))
+    }
+
+    async fn remove_machine(
+        &self,
+        request: Request<RemoveMachineRequest>,
+    ) -> Result<Response<RemoveMachineResponse>, Status> {
+        self.ready().await?;
+        let r = request.into_inner();
+        let m = self
+            .node
+            .read(|doc| {
+                doc.machine_by_name(&r.machine)
+                    .or_else(|| r.machine.parse().ok().and_then(|id| doc.machine(&id)))
+            })
+            .filter(|m| m.is_active())
+            .ok_or_else(|| self.machine_not_found(&r.machine))?;
+        if m.id == self.node.machine_id {
+            return Err(Status::failed_precondition(format!(
+                "{} is the machine answering this command; run `uc machine rm {}` on another machine",
+                m.name, m.name
+            )));
+        }
+        self.write(|doc| doc.remove_machine(&m.id))?;
+        tracing::info!(machine = %m.id, name = %m.name, "machine removed from the cluster");
+        Ok(Response::new(RemoveMachineResponse {
+            id: m.id.to_string(),
+            name: m.name,
+        }))
+    }
+
+    async fn wg_show(
+        &self,
+        request: Request<WgShowRequest>,
+    ) -> Result<Response<WgShowResponse>, Status> {
+        let r = request.into_inner();
+        let n = &self.node;
+        if r.machine.is_empty() || r.machine == n.config.name || r.machine == n.machine_id.as_str()
+        {
+            return crate::peer::wg_show_local(n).map(Response::new);
+        }
+        self.ready().await?;
+        let m = n
+            .read(|doc| {
+                doc.machine_by_name(&r.machine)
+                    .or_else(|| r.machine.parse().ok().and_then(|id| doc.machine(&id)))
+            })
+            .filter(|m| m.is_active())
+            .ok_or_else(|| self.machine_not_found(&r.machine))?;
+        let addr = n
+            .mesh
+            .get()
+            .and_then(|mesh| mesh.addresses_of(m.subnet).0)
+            .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
+        let addr = std::net::SocketAddr::new(addr.into(), n.config.peer_port).to_string();
+        let mut client = crate::peer::client(&addr).map_err(|e| Status::internal(e.to_string()))?;
+        let answer = client
+            .wg_show(WgShowRequest::default())
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!(
+                    "machine {} did not answer over the mesh at {addr}: {}",
+                    m.name,
+                    s.message()
+                ))
+            })?;
+        Ok(answer)
     }
 }

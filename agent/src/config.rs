@@ -35,10 +35,24 @@ pub struct Args {
     /// TCP port for the peer API: state sync and joining.
     #[arg(long, env = "UCD_PEER_PORT")]
     pub peer_port: Option<u16>,
+    /// TCP port of the join endpoint (the one API on the underlay).
+    #[arg(long, env = "UCD_JOIN_PORT")]
+    pub join_port: Option<u16>,
+    /// UDP port of WireGuard (the mesh's only port on the underlay).
+    #[arg(long, env = "UCD_WG_PORT")]
+    pub wg_port: Option<u16>,
+    /// Name of the mesh's WireGuard interface.
+    #[arg(long, env = "UCD_WG_INTERFACE")]
+    pub wg_interface: Option<String>,
+    /// Worker threads of the userspace WireGuard.
+    #[arg(long, env = "UCD_WG_THREADS")]
+    pub wg_threads: Option<usize>,
     /// Gossip round interval in milliseconds.
     #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
-    /// Endpoints this machine can be reached at (repeatable); default: the advertise address.
+    /// Endpoints (IP or IP:PORT) where this machine's WireGuard can be reached, in the order
+    /// peers should try them (repeatable); default: the advertise address. A bare IP gets the
+    /// WireGuard port.
     #[arg(long = "endpoint")]
     pub endpoints: Vec<String>,
     /// Tags of this machine, such as `ingress` (repeatable); used when it joins or starts a cluster.
@@ -67,6 +81,10 @@ struct FileConfig {
     listen_addr: Option<IpAddr>,
     gossip_port: Option<u16>,
     peer_port: Option<u16>,
+    join_port: Option<u16>,
+    wg_port: Option<u16>,
+    wg_interface: Option<String>,
+    wg_threads: Option<usize>,
     gossip_interval_ms: Option<u64>,
     endpoints: Option<Vec<String>>,
     tags: Option<Vec<String>>,
@@ -95,6 +113,13 @@ pub struct Config {
     pub listen_addr: IpAddr,
     pub gossip_port: u16,
     pub peer_port: u16,
+    pub join_port: u16,
+    pub wg_port: u16,
+    pub wg_interface: String,
+    pub wg_threads: usize,
+    /// This machine's mesh address, known once the mesh is up (until then
+    /// the advertise address): gossip, sync and the peer API live there.
+    pub mesh_addr: Option<IpAddr>,
     pub gossip_interval: Duration,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
@@ -105,11 +130,20 @@ pub struct Config {
 }
 
 impl Config {
+    fn mesh_or_advertise(&self) -> IpAddr {
+        self.mesh_addr.unwrap_or(self.advertise_addr)
+    }
     pub fn gossip_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.advertise_addr, self.gossip_port)
+        SocketAddr::new(self.mesh_or_advertise(), self.gossip_port)
     }
     pub fn peer_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.advertise_addr, self.peer_port)
+        SocketAddr::new(self.mesh_or_advertise(), self.peer_port)
+    }
+    pub fn join_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.advertise_addr, self.join_port)
+    }
+    pub fn wg_key_path(&self) -> PathBuf {
+        self.data_dir.join("wg.key")
     }
     pub fn state_path(&self) -> PathBuf {
         self.data_dir.join("state.redb")
@@ -172,8 +206,43 @@ impl Args {
                 IpAddr::V4(Ipv4Addr::UNSPECIFIED)
             }
         };
+        let wg_port = self
+            .wg_port
+            .or(file.wg_port)
+            .unwrap_or(uc_proto::DEFAULT_WG_PORT);
         if endpoints.is_empty() {
             endpoints.push(advertise_addr.to_string());
+        }
+        // Published with their port, so peers need not guess it.
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .filter_map(|e| match uc_mesh::plan::parse_endpoint(e, wg_port) {
+                Some(a) => Some(a.to_string()),
+                None => {
+                    problems.push(format!("invalid --endpoint {e:?}: expected IP or IP:PORT"));
+                    None
+                }
+            })
+            .collect();
+        let wg_interface = self
+            .wg_interface
+            .or(file.wg_interface)
+            .unwrap_or_else(|| "uc0".into());
+        if wg_interface.is_empty()
+            || wg_interface.len() > 15
+            || !wg_interface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            problems.push(format!(
+                "invalid --wg-interface {wg_interface:?}: 1 to 15 letters, digits, '-' or '_'"
+            ));
+        }
+        let wg_threads = self.wg_threads.or(file.wg_threads).unwrap_or(2);
+        if !(1..=16).contains(&wg_threads) {
+            problems.push(format!(
+                "--wg-threads {wg_threads} is out of range (1 to 16)"
+            ));
         }
         for tag in &tags {
             if let Err(e) = validate_tag(tag) {
@@ -208,6 +277,14 @@ impl Args {
                 .peer_port
                 .or(file.peer_port)
                 .unwrap_or(uc_proto::DEFAULT_PEER_PORT),
+            join_port: self
+                .join_port
+                .or(file.join_port)
+                .unwrap_or(uc_proto::DEFAULT_JOIN_PORT),
+            wg_port,
+            wg_interface,
+            wg_threads,
+            mesh_addr: None,
             gossip_interval,
             endpoints,
             tags,
@@ -275,19 +352,26 @@ mod tests {
             "0.0.0.0",
             "--tag",
             "no way",
+            "--endpoint",
+            "pi.lan",
+            "--wg-interface",
+            "much-too-long-a-name",
         ])
         .unwrap_err()
         .to_string();
         assert!(err.contains("invalid machine name"), "{err}");
         assert!(err.contains("not an address peers can use"), "{err}");
         assert!(err.contains("invalid tag"), "{err}");
+        assert!(err.contains("invalid --endpoint \"pi.lan\""), "{err}");
+        assert!(err.contains("invalid --wg-interface"), "{err}");
     }
 
     #[test]
     fn defaults_and_bootstrap() {
         let c = parse(&["--name", "a", "--advertise-addr", "172.31.0.10", "--init"]).unwrap();
         assert_eq!(c.gossip_port, uc_proto::DEFAULT_GOSSIP_PORT);
-        assert_eq!(c.endpoints, vec!["172.31.0.10".to_string()]);
+        assert_eq!(c.endpoints, vec!["172.31.0.10:51820".to_string()]);
+        assert_eq!(c.join_addr().to_string(), "172.31.0.10:51002");
         assert!(matches!(c.bootstrap, Bootstrap::Init { .. }));
         let c = parse(&[
             "--name",

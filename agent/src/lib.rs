@@ -5,12 +5,14 @@
 pub mod api;
 pub mod config;
 pub mod membership;
+pub mod mesh;
 pub mod node;
 pub mod peer;
 pub mod replicator;
 pub mod store;
 pub mod token;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use uc_crdt::{ClusterState, NewMachine};
 use uc_proto::MachineId;
 use uc_proto::v1::JoinRequest;
 use uc_proto::v1::api_server::ApiServer;
+use uc_proto::v1::join_server::JoinServer;
 use uc_proto::v1::peer_server::PeerServer;
 
 use crate::config::{Bootstrap, Config};
@@ -81,14 +84,15 @@ async fn bootstrap(
     config: &Config,
     id: &MachineId,
     actor: [u8; 16],
-) -> anyhow::Result<(ClusterState, Store, bool, Vec<String>)> {
+    public_key: &str,
+) -> anyhow::Result<(ClusterState, Store, bool)> {
     let path = config.state_path();
     if Store::exists(&path) {
         if !matches!(config.bootstrap, Bootstrap::Existing) {
             tracing::info!(path = %path.display(), "state exists; ignoring --init/--join");
         }
         let (store, doc) = Store::open(&path, actor)?;
-        return Ok((doc, store, false, vec![]));
+        return Ok((doc, store, false));
     }
     match &config.bootstrap {
         Bootstrap::Existing => bail!(
@@ -103,7 +107,7 @@ async fn bootstrap(
                 NewMachine {
                     id: id.clone(),
                     name: config.name.clone(),
-                    public_key: String::new(),
+                    public_key: public_key.to_string(),
                     endpoints: config.endpoints.clone(),
                     tags: config.tags.iter().cloned().collect(),
                 },
@@ -111,7 +115,7 @@ async fn bootstrap(
             )?;
             let store = Store::create(&path, &mut doc)?;
             tracing::info!(cluster = %cluster_id, network = %network, subnet = %me.subnet, "created a new cluster");
-            Ok((doc, store, true, vec![]))
+            Ok((doc, store, true))
         }
         Bootstrap::Join { peer, token } => {
             let response = peer::join(
@@ -121,7 +125,7 @@ async fn bootstrap(
                     machine_id: id.to_string(),
                     name: config.name.clone(),
                     endpoints: config.endpoints.clone(),
-                    public_key: String::new(),
+                    public_key: public_key.to_string(),
                     tags: config.tags.clone(),
                 },
             )
@@ -134,62 +138,77 @@ async fn bootstrap(
             }
             let store = Store::create(&path, &mut doc)?;
             tracing::info!(cluster = %response.cluster_id, subnet = %response.subnet, name = %response.name, "joined the cluster");
-            let host = peer.rsplit_once(':').map(|(h, _)| h).unwrap_or(peer);
-            Ok((
-                doc,
-                store,
-                true,
-                vec![membership::host_port(
-                    host.trim_matches(['[', ']']),
-                    config.gossip_port,
-                )],
-            ))
+            Ok((doc, store, true))
         }
     }
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let id = machine_id(&config.data_dir)?;
+    let keys = uc_mesh::KeyPair::load_or_create(&config.wg_key_path())?;
     let actor = token::random16();
-    // Take every port before touching the cluster, so a taken port fails
-    // the start before this machine joins anything.
-    let peer_listener = TcpListener::bind((config.listen_addr, config.peer_port))
+    // Take every underlay port before touching the cluster, so a taken port
+    // fails the start before this machine joins anything.
+    let join_listener = TcpListener::bind((config.listen_addr, config.join_port))
         .await
         .with_context(|| {
             format!(
-                "binding the peer API on {}:{}/tcp",
-                config.listen_addr, config.peer_port
+                "binding the join endpoint on {}:{}/tcp",
+                config.listen_addr, config.join_port
             )
         })?;
-    // chitchat binds its own UDP socket; check now that it will be able to.
     drop(
-        std::net::UdpSocket::bind((config.listen_addr, config.gossip_port)).with_context(|| {
-            format!(
-                "binding gossip on {}:{}/udp",
-                config.listen_addr, config.gossip_port
-            )
-        })?,
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, config.wg_port))
+            .with_context(|| format!("binding WireGuard on port {}/udp", config.wg_port))?,
     );
     let api_path = config.api_socket_path();
     let api_listener = bind_api_socket(&api_path)?;
-    let (doc, store, ready, extra_seeds) = match bootstrap(&config, &id, actor).await {
+    let (doc, store, ready) = match bootstrap(&config, &id, actor, &keys.public.to_string()).await {
         Ok(b) => b,
         Err(e) => {
             let _ = std::fs::remove_file(&api_path);
             return Err(e);
         }
     };
+    // Everything between agents (gossip, sync, the peer API) lives on this
+    // machine's mesh address.
+    let mesh_v4 = doc.machine(&id).and_then(|me| {
+        uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network()).machine_v4(me.subnet)
+    });
+    let Some(mesh_v4) = mesh_v4 else {
+        let _ = std::fs::remove_file(&api_path);
+        bail!(
+            "this machine has no mesh address in the cluster state (removed from the cluster?); \
+             to join again, move {} away and join with a new token",
+            config.state_path().display()
+        );
+    };
+    config.mesh_addr = Some(IpAddr::V4(mesh_v4));
     let shutdown = CancellationToken::new();
-
     let node = Arc::new(Node::new(config.clone(), id.clone(), doc, store, ready));
+    let r = serve(&node, &keys, join_listener, api_listener, &shutdown).await;
+    let _ = std::fs::remove_file(&api_path);
+    r
+}
+
+async fn serve(
+    node: &Arc<Node>,
+    keys: &uc_mesh::KeyPair,
+    join_listener: TcpListener,
+    api_listener: UnixListener,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let config = &node.config;
+    let id = &node.machine_id;
     // Keep what this machine says of itself current.
-    let (endpoints, tags_missing) = node.read(|doc| {
-        let me = doc.machine(&id);
+    let (endpoints, key, tags_missing) = node.read(|doc| {
+        let me = doc.machine(id);
         (
             me.as_ref().map(|m| m.endpoints.clone()),
+            me.as_ref().map(|m| m.public_key.clone()),
             me.map(|m| {
                 config
                     .tags
@@ -202,15 +221,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     });
     if endpoints.as_ref() != Some(&config.endpoints) {
-        node.write(|doc| doc.set_machine_endpoints(&id, config.endpoints.clone()))?;
+        node.write(|doc| doc.set_machine_endpoints(id, config.endpoints.clone()))?;
+    }
+    let public_key = keys.public.to_string();
+    if key.as_ref() != Some(&public_key) {
+        node.write(|doc| doc.set_machine_public_key(id, &public_key))?;
     }
     for tag in tags_missing {
-        node.write(|doc| doc.set_machine_tag(&id, &tag, true))?;
+        node.write(|doc| doc.set_machine_tag(id, &tag, true))?;
     }
 
     let tracker = TaskTracker::new();
-    let membership =
-        membership::start(node.clone(), extra_seeds, &tracker, shutdown.clone()).await?;
+    let mesh = mesh::Mesh::start(node, keys).await?;
+    let _ = node.mesh.set(mesh.clone());
+    mesh.spawn(node.clone(), &tracker, shutdown.clone());
+    let peer_listener = TcpListener::bind(config.peer_addr())
+        .await
+        .with_context(|| format!("binding the peer API on {}/tcp", config.peer_addr()))?;
+    let membership = match membership::start(node.clone(), &tracker, shutdown.clone()).await {
+        Ok(m) => m,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e);
+        }
+    };
     replicator::spawn(node.clone(), &tracker, shutdown.clone());
 
     let peer_service = PeerServer::new(peer::PeerService { node: node.clone() })
@@ -228,6 +262,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::error!(error = %e, "peer API stopped");
         }
     });
+    let join_service = JoinServer::new(peer::JoinService { node: node.clone() })
+        .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
+    let stop = shutdown.clone();
+    let incoming = peer::screened_incoming(join_listener, node.clone(), &tracker, shutdown.clone());
+    tracker.spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(join_service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "join endpoint stopped");
+        }
+    });
     let api_service = ApiServer::new(api::ApiService { node: node.clone() });
     let stop = shutdown.clone();
     tracker.spawn(async move {
@@ -243,9 +290,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         machine = %id,
         name = %config.name,
+        mesh = %mesh.v4,
         gossip = %config.gossip_addr(),
         peer = %config.peer_addr(),
-        api = %api_path.display(),
+        join = %config.join_addr(),
+        wireguard = config.wg_port,
+        api = %config.api_socket_path().display(),
         "agent running"
     );
 
@@ -262,7 +312,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = node.flush() {
         tracing::error!(error = %e, "storing received changes at shutdown failed");
     }
-    let _ = std::fs::remove_file(&api_path);
     Ok(())
 }
 

@@ -26,6 +26,8 @@ pub const KEY_HEADS: &str = "heads";
 pub const KEY_PEER_ADDR: &str = "peer";
 pub const KEY_ENDPOINTS: &str = "ep";
 pub const KEY_LOAD: &str = "load";
+/// The machine's WireGuard backend.
+pub const KEY_MESH: &str = "wg";
 
 /// Datagrams on the gossip port that chitchat could not decode. chitchat
 /// drops them inside its transport and only logs; `GarbageCounter` (a
@@ -81,29 +83,29 @@ impl Membership {
 /// Starts gossip and the tasks that keep `node`'s view of its peers fresh.
 pub async fn start(
     node: Arc<Node>,
-    extra_seeds: Vec<String>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Membership> {
     let cfg = &node.config;
     let gossip_interval = cfg.gossip_interval;
     let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), cfg.gossip_addr());
+    // Seeds: every other machine's mesh address (gossip runs inside the mesh).
     let mut seeds: Vec<String> = node.read(|doc| {
+        let addressing = uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network());
         doc.machines()
             .into_iter()
             .filter(|m| m.id != node.machine_id && m.state == uc_crdt::MachineState::Active)
-            .filter_map(|m| m.endpoints.first().cloned())
-            .map(|ep| host_port(&ep, cfg.gossip_port))
+            .filter_map(|m| addressing.machine_v4(m.subnet))
+            .map(|ip| SocketAddr::new(ip.into(), cfg.gossip_port).to_string())
             .collect()
     });
-    seeds.extend(extra_seeds);
     seeds.sort();
     seeds.dedup();
     let config = chitchat_config(
         chitchat_id,
         node.cluster_id.clone(),
         gossip_interval,
-        SocketAddr::new(cfg.listen_addr, cfg.gossip_port),
+        cfg.gossip_addr(),
         seeds,
     );
     let kvs = vec![
@@ -111,6 +113,13 @@ pub async fn start(
         (KEY_PEER_ADDR.to_string(), cfg.peer_addr().to_string()),
         (KEY_ENDPOINTS.to_string(), cfg.endpoints.join(",")),
         (KEY_LOAD.to_string(), load_average()),
+        (
+            KEY_MESH.to_string(),
+            node.mesh
+                .get()
+                .map(|m| m.backend.as_str().to_string())
+                .unwrap_or_default(),
+        ),
     ];
     let handle = spawn_chitchat(config, kvs, &UdpTransport)
         .await
@@ -189,6 +198,7 @@ pub async fn start(
                         last_seen_unix_ms: entry.2,
                         peer_addr: state.get(KEY_PEER_ADDR).and_then(|a| a.parse().ok()),
                         heads: state.get(KEY_HEADS).map(str::to_string),
+                        mesh_backend: state.get(KEY_MESH).map(str::to_string),
                     };
                     // A restarted machine has a newer generation: it wins.
                     match peers.get(&machine) {

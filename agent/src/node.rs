@@ -43,6 +43,8 @@ pub struct PeerInfo {
     pub last_seen_unix_ms: u64,
     pub peer_addr: Option<SocketAddr>,
     pub heads: Option<String>,
+    /// Its WireGuard backend, as it says.
+    pub mesh_backend: Option<String>,
 }
 
 /// Counters shown by `uc status`.
@@ -90,6 +92,8 @@ pub struct Node {
     /// every heartbeat), so the replicator wakes only when there is news.
     peers_changed_tx: watch::Sender<u64>,
     pub metrics: Metrics,
+    /// The mesh interface, once it is up.
+    pub mesh: std::sync::OnceLock<std::sync::Arc<crate::mesh::Mesh>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -122,6 +126,7 @@ impl Node {
             peers: RwLock::new(HashMap::new()),
             peers_changed_tx: watch::channel(0).0,
             metrics: Metrics::default(),
+            mesh: std::sync::OnceLock::new(),
         }
     }
 

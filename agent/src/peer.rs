@@ -12,9 +12,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use uc_crdt::{MachineState, NewMachine, PeerSync};
 use uc_proto::MachineId;
+use uc_proto::v1::join_server::Join;
 use uc_proto::v1::peer_client::PeerClient;
 use uc_proto::v1::peer_server::Peer;
-use uc_proto::v1::{JoinRequest, JoinResponse, SyncFrame};
+use uc_proto::v1::{JoinRequest, JoinResponse, SyncFrame, WgShowRequest, WgShowResponse};
 
 use crate::node::{Metrics, Node, WriteError, now_ms};
 use crate::token;
@@ -24,6 +25,11 @@ use crate::token;
 const MAX_ROUNDS: usize = 64;
 
 pub struct PeerService {
+    pub node: Arc<Node>,
+}
+
+/// The join endpoint: the only API served on the underlay.
+pub struct JoinService {
     pub node: Arc<Node>,
 }
 
@@ -99,6 +105,23 @@ impl Peer for PeerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn wg_show(&self, _: Request<WgShowRequest>) -> Result<Response<WgShowResponse>, Status> {
+        wg_show_local(&self.node).map(Response::new)
+    }
+}
+
+/// This machine's `uc wg show`.
+pub fn wg_show_local(node: &Node) -> Result<WgShowResponse, Status> {
+    let mesh = node
+        .mesh
+        .get()
+        .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
+    mesh.show(node)
+        .map_err(|e| Status::internal(format!("reading the WireGuard interface: {e:#}")))
+}
+
+#[tonic::async_trait]
+impl Join for JoinService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let node = &self.node;
         let remote = request.remote_addr();
@@ -109,10 +132,32 @@ impl Peer for PeerService {
             .map_err(|e| Status::invalid_argument(format!("{e}")))?;
         uc_crdt::check_name("machine", &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key: uc_mesh::PublicKey = r
+            .public_key
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("join refused: {e}")))?;
+        for ep in &r.endpoints {
+            if uc_mesh::plan::parse_endpoint(ep, uc_proto::DEFAULT_WG_PORT).is_none() {
+                return Err(Status::invalid_argument(format!(
+                    "join refused: invalid endpoint {ep:?}: expected IP or IP:PORT"
+                )));
+            }
+        }
         if !node.wait_ready(Duration::from_secs(5)).await {
             return Err(Status::unavailable(
                 "this machine is still catching up with the cluster; try again shortly",
             ));
+        }
+        let key_owner = node.read(|doc| {
+            doc.machines()
+                .into_iter()
+                .find(|m| m.is_active() && m.id != id && m.public_key == key.to_string())
+                .map(|m| m.name)
+        });
+        if let Some(owner) = key_owner {
+            return Err(Status::already_exists(format!(
+                "join refused: WireGuard key {key} is already used by machine {owner}"
+            )));
         }
         let hash = token::hash(&r.token);
         let now = now_ms();
@@ -271,9 +316,14 @@ pub async fn sync_session(node: &Node, client: &mut PeerClient<Channel>) -> anyh
     anyhow::bail!("sync session did not settle after {MAX_ROUNDS} rounds")
 }
 
-/// Asks `peer` to let this machine join; returns the response with the document.
+/// Asks `peer` (its join endpoint) to let this machine join; returns the
+/// response with the document.
 pub async fn join(peer: &str, request: JoinRequest) -> anyhow::Result<JoinResponse> {
-    let mut c = client(peer)?;
+    let endpoint = Endpoint::from_shared(format!("http://{peer}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    let mut c = uc_proto::v1::join_client::JoinClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
     match c.join(request).await {
         Ok(r) => Ok(r.into_inner()),
         Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("connect") => {

@@ -39,6 +39,9 @@ enum Command {
     /// Machines of the cluster.
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// The WireGuard mesh.
+    #[command(subcommand)]
+    Wg(WgCmd),
     /// The replicated cluster state, for debugging.
     #[command(subcommand)]
     State(StateCmd),
@@ -57,12 +60,24 @@ enum MachineCmd {
         #[arg(long, default_value_t = 600)]
         ttl: u64,
     },
+    /// Remove a machine from the cluster: every other machine forgets it as a mesh peer.
+    Rm { machine: String },
     /// Add (or with --remove, drop) a tag such as `ingress` on a machine.
     Tag {
         machine: String,
         tag: String,
         #[arg(long)]
         remove: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum WgCmd {
+    /// A machine's WireGuard interface: peers, endpoint in use, last handshake, bytes each way.
+    Show {
+        /// The machine to ask (default: the one this command reaches).
+        #[arg(short, long)]
+        machine: Option<String>,
     },
 }
 
@@ -151,6 +166,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .map_err(client::status_error)?;
             Ok(())
+        }
+        Command::Machine(MachineCmd::Rm { machine }) => {
+            let r = api
+                .remove_machine(uc_proto::v1::RemoveMachineRequest { machine })
+                .await
+                .map_err(client::status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::json!({"id": r.id, "name": r.name}));
+            } else {
+                println!("removed machine {} ({})", r.name, r.id);
+            }
+            Ok(())
+        }
+        Command::Wg(WgCmd::Show { machine }) => {
+            let r = api
+                .wg_show(uc_proto::v1::WgShowRequest {
+                    machine: machine.unwrap_or_default(),
+                })
+                .await
+                .map_err(client::status_error)?
+                .into_inner();
+            output::wg(&r, json)
         }
         Command::State(StateCmd::Dump) => {
             let r = api

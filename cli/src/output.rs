@@ -1,6 +1,6 @@
 //! Renders API answers as tables for people or JSON for programs.
 
-use uc_proto::v1::{CreateJoinTokenResponse, MachineInfo, StatusResponse};
+use uc_proto::v1::{CreateJoinTokenResponse, MachineInfo, StatusResponse, WgShowResponse};
 
 fn ago(unix_ms: u64) -> String {
     if unix_ms == 0 {
@@ -50,6 +50,8 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
                     "id": m.id, "name": m.name, "subnet": m.subnet, "liveness": m.liveness,
                     "endpoints": m.endpoints, "last_seen_unix_ms": m.last_seen_unix_ms,
                     "tags": m.tags, "state": m.state, "is_self": m.is_self, "public_key": m.public_key,
+                    "mesh_address": m.mesh_address, "mesh_address_v6": m.mesh_address_v6,
+                    "mesh_backend": m.mesh_backend,
                 })
             })
             .collect();
@@ -66,7 +68,7 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
                 } else {
                     m.name.clone()
                 },
-                m.subnet.clone(),
+                m.mesh_address.clone(),
                 if m.is_self {
                     "live".into()
                 } else {
@@ -79,6 +81,7 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
                     ago(m.last_seen_unix_ms)
                 },
                 m.tags.join(","),
+                short_backend(&m.mesh_backend),
                 m.id[..8.min(m.id.len())].to_string(),
             ]
         })
@@ -86,11 +89,12 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
     table(
         &[
             "NAME",
-            "SUBNET",
+            "ADDRESS",
             "STATE",
             "ENDPOINTS",
             "LAST SEEN",
             "TAGS",
+            "WIREGUARD",
             "ID",
         ],
         rows,
@@ -158,4 +162,94 @@ fn ago_future(unix_ms: u64) -> String {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     format!("in {} s", unix_ms.saturating_sub(now) / 1000)
+}
+
+fn short_backend(b: &str) -> String {
+    match b {
+        "" => "-".into(),
+        b if b.starts_with("userspace") => "userspace".into(),
+        b => b.to_string(),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n} B"),
+        n if n < 1024 * 1024 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n if n < 1024 * 1024 * 1024 => format!("{:.1} MiB", n as f64 / 1048576.0),
+        n => format!("{:.2} GiB", n as f64 / 1073741824.0),
+    }
+}
+
+/// `uc wg show`: the interface, then one row per peer.
+pub fn wg(w: &WgShowResponse, json: bool) -> anyhow::Result<()> {
+    if json {
+        let peers: Vec<serde_json::Value> = w
+            .peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "machine": p.machine_name, "machine_id": p.machine_id,
+                    "public_key": p.public_key, "endpoint": p.endpoint,
+                    "allowed_ips": p.allowed_ips,
+                    "last_handshake_age_secs": (p.last_handshake_age_secs >= 0).then_some(p.last_handshake_age_secs),
+                    "rx_bytes": p.rx_bytes, "tx_bytes": p.tx_bytes, "keepalive_secs": p.keepalive_secs,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "machine": w.machine_name, "machine_id": w.machine_id, "interface": w.interface,
+            "backend": w.backend, "backend_note": w.backend_note, "public_key": w.public_key,
+            "listen_port": w.listen_port, "addresses": w.addresses, "peers": peers,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("machine:     {}", w.machine_name);
+    println!("interface:   {} ({})", w.interface, w.backend);
+    if !w.backend_note.is_empty() {
+        println!("             {}", w.backend_note);
+    }
+    println!("public key:  {}", w.public_key);
+    println!("listening:   {}/udp", w.listen_port);
+    println!("addresses:   {}", w.addresses.join(", "));
+    println!();
+    let rows = w
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                if p.machine_name.is_empty() {
+                    p.public_key[..8.min(p.public_key.len())].to_string()
+                } else {
+                    p.machine_name.clone()
+                },
+                if p.endpoint.is_empty() {
+                    "-".into()
+                } else {
+                    p.endpoint.clone()
+                },
+                match p.last_handshake_age_secs {
+                    s if s < 0 => "never".into(),
+                    s if s < 120 => format!("{s}s ago"),
+                    s => format!("{}m ago", s / 60),
+                },
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes),
+                p.allowed_ips.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PEER",
+            "ENDPOINT",
+            "HANDSHAKE",
+            "RECEIVED",
+            "SENT",
+            "ALLOWED IPS",
+        ],
+        rows,
+    );
+    Ok(())
 }

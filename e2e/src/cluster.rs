@@ -28,9 +28,26 @@ use crate::netns;
 use crate::process::{Bins, ip, run_ok, run_with_timeout};
 use crate::{Fatal, eventually};
 
-/// The agent's default ports (`ucd --peer-port`, `--gossip-port`).
+/// The agent's default ports (`ucd --peer-port`, `--gossip-port`, `--join-port`, `--wg-port`).
+/// Peer and gossip live on the mesh address; join and WireGuard on the underlay.
 pub const PEER_PORT: u16 = 51000;
 pub const GOSSIP_PORT: u16 = 51001;
+pub const JOIN_PORT: u16 = 51002;
+pub const WG_PORT: u16 = 51820;
+
+/// The firewall every real machine's namespace gets: on the underlay (eth0) only WireGuard's UDP
+/// port and the join endpoint are open, so anything else that works between machines went
+/// through the mesh.
+pub const UNDERLAY_FIREWALL: &str = "table inet uc_e2e {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    iifname != \"eth0\" accept
+    ct state established,related accept
+    udp dport 51820 accept
+    tcp dport 51002 accept
+  }
+}
+";
 
 /// How long a `uc` command may take before the harness calls it hung.
 const UC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,6 +63,7 @@ pub struct ClusterBuilder {
     bin_dir: Option<PathBuf>,
     extra_args: Vec<String>,
     placeholder_agents: bool,
+    firewall: Option<bool>,
     timeout: Duration,
 }
 
@@ -58,8 +76,16 @@ impl ClusterBuilder {
             bin_dir: None,
             extra_args: Vec::new(),
             placeholder_agents: false,
+            firewall: None,
             timeout: Duration::from_secs(60),
         }
+    }
+
+    /// Whether machines firewall their underlay ([`UNDERLAY_FIREWALL`]); default: yes for real
+    /// agents, no for placeholders.
+    pub fn underlay_firewall(mut self, on: bool) -> Self {
+        self.firewall = Some(on);
+        self
     }
 
     /// A fixed tag instead of `<pid>x<counter>` (for `uc local`); such namespaces are never swept.
@@ -125,14 +151,14 @@ impl MachineHandle {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The agent's peer-API address, `ip:51000`.
-    pub fn peer_addr(&self) -> String {
-        format!("{}:{PEER_PORT}", self.ip)
+    /// The agent's join endpoint on the underlay, `ip:51002`.
+    pub fn join_addr(&self) -> String {
+        format!("{}:{JOIN_PORT}", self.ip)
     }
 
-    /// The agent's gossip address, `ip:51001`.
-    pub fn gossip_addr(&self) -> String {
-        format!("{}:{GOSSIP_PORT}", self.ip)
+    /// The agent's WireGuard endpoint on the underlay, `ip:51820`.
+    pub fn wg_addr(&self) -> String {
+        format!("{}:{WG_PORT}", self.ip)
     }
 
     /// The hub-side end of this machine's veth.
@@ -162,6 +188,7 @@ pub struct Cluster {
     bins: Option<Bins>,
     extra_args: Vec<String>,
     placeholder: bool,
+    firewall: bool,
     timeout: Duration,
     machines: Vec<MachineHandle>,
     hub_created: bool,
@@ -225,6 +252,7 @@ impl Cluster {
             bins,
             extra_args: b.extra_args.clone(),
             placeholder: b.placeholder_agents,
+            firewall: b.firewall.unwrap_or(!b.placeholder_agents),
             timeout: b.timeout,
             machines: Vec::new(),
             hub_created: false,
@@ -340,9 +368,85 @@ impl Cluster {
             "eth0",
         ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        if self.firewall {
+            self.firewall_underlay(&ns)?;
+        }
         ip(&["-n", &self.hub, "link", "set", &port, "master", "br0"])?;
         ip(&["-n", &self.hub, "link", "set", &port, "up"])?;
         Ok(index)
+    }
+
+    fn firewall_underlay(&self, ns: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft (install the nftables package)")?;
+        child
+            .stdin
+            .take()
+            .context("nft's stdin")?
+            .write_all(UNDERLAY_FIREWALL.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft in {ns} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Machine `i`'s mesh address (10.210.X.1), as its agent reports it.
+    pub fn mesh_ip(&self, i: usize) -> anyhow::Result<Ipv4Addr> {
+        self.mesh_addresses(i).map(|(v4, _)| v4)
+    }
+
+    /// Machine `i`'s IPv4 and IPv6 mesh addresses, as its agent reports them.
+    pub fn mesh_addresses(&self, i: usize) -> anyhow::Result<(Ipv4Addr, std::net::Ipv6Addr)> {
+        let ms = self.machines_seen_by(i)?;
+        let me = ms
+            .iter()
+            .find(|m| m["is_self"] == Value::Bool(true))
+            .with_context(|| format!("machine ls of {} lists no self", self.machines[i].name))?;
+        let v4 = me["mesh_address"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("mesh address of {}: {me}", self.machines[i].name))?;
+        let v6 = me["mesh_address_v6"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("IPv6 mesh address of {}: {me}", self.machines[i].name))?;
+        Ok((v4, v6))
+    }
+
+    /// `uc wg show -o json` on machine `i`.
+    pub fn wg_show(&self, i: usize) -> anyhow::Result<Value> {
+        self.uc_json(i, &["wg", "show"])
+    }
+
+    /// Pings `addr` once from machine `i`'s namespace, waiting at most `wait_secs`; true if it
+    /// answered.
+    pub fn ping(&self, i: usize, addr: std::net::IpAddr, wait_secs: u32) -> anyhow::Result<bool> {
+        let out = self.exec_in(
+            i,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "1",
+                "-W",
+                &wait_secs.to_string(),
+                &addr.to_string(),
+            ],
+        )?;
+        Ok(out.status.success())
     }
 
     /// The agent command line for machine `i` with `bootstrap` and `extra` arguments.
@@ -361,6 +465,9 @@ impl Cluster {
             m.name.clone(),
             "--advertise-addr".into(),
             m.ip.to_string(),
+            // One userspace WireGuard thread per machine: several machines share 2 cores here.
+            "--wg-threads".into(),
+            "1".into(),
         ];
         args.extend(self.extra_args.iter().cloned());
         match bootstrap {
@@ -428,7 +535,7 @@ impl Cluster {
             .first()
             .context("no running machine to join through")?;
         let token = self.token(via)?;
-        let peer = self.machines[via].peer_addr();
+        let peer = self.machines[via].join_addr();
         self.start_agent(i, Bootstrap::Join { peer, token }, &[])
     }
 

@@ -14,7 +14,10 @@ mod process;
 
 use std::time::{Duration, Instant};
 
-pub use cluster::{Bootstrap, Cluster, ClusterBuilder, GOSSIP_PORT, MachineHandle, PEER_PORT, Uc};
+pub use cluster::{
+    Bootstrap, Cluster, ClusterBuilder, GOSSIP_PORT, JOIN_PORT, MachineHandle, PEER_PORT,
+    UNDERLAY_FIREWALL, Uc, WG_PORT,
+};
 pub use process::{Bins, run_ok, run_with_timeout};
 
 /// An error that [`eventually`] does not retry: waiting longer cannot help (an agent exited, say).

@@ -9,9 +9,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use uc_agent::config::Args;
 use uc_agent::node::Node;
-use uc_agent::peer::{self, PeerService};
+use uc_agent::peer::{self, JoinService, PeerService};
 use uc_agent::store::Store;
 use uc_crdt::{ClusterState, NewMachine};
+use uc_proto::v1::join_server::JoinServer;
 use uc_proto::v1::peer_server::PeerServer;
 use uc_proto::v1::{JoinRequest, SyncFrame};
 use uc_proto::{MachineId, ServiceId};
@@ -74,7 +75,8 @@ async fn serve(node: Arc<Node>) -> String {
     let incoming = peer::screened_incoming(listener, node.clone(), &tracker, Default::default());
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(PeerServer::new(PeerService { node }))
+            .add_service(PeerServer::new(PeerService { node: node.clone() }))
+            .add_service(JoinServer::new(JoinService { node }))
             .serve_with_incoming(incoming),
     );
     addr
@@ -211,7 +213,9 @@ async fn join_needs_a_valid_unused_token() {
         machine_id: MachineId::from_bytes([id; 16]).to_string(),
         name: format!("m{id}"),
         endpoints: vec!["127.0.0.9".into()],
-        public_key: String::new(),
+        public_key: uc_mesh::PrivateKey::from_bytes([id; 32])
+            .public_key()
+            .to_string(),
         tags: vec![],
     };
     let before = a.node.read(|d| d.to_json());
@@ -226,6 +230,29 @@ async fn join_needs_a_valid_unused_token() {
         before["machines"],
         "a wrong token changes no machine"
     );
+
+    // A join without a valid WireGuard key, or with another machine's, or
+    // with an endpoint that is not an address, is refused and uses no token.
+    let mut no_key = request(&token, 5);
+    no_key.public_key = "not a key".into();
+    let err = peer::join(&addr, no_key).await.unwrap_err().to_string();
+    assert!(err.contains("invalid WireGuard key"), "{err}");
+    let mut bad_ep = request(&token, 5);
+    bad_ep.endpoints = vec!["pi.lan".into()];
+    let err = peer::join(&addr, bad_ep).await.unwrap_err().to_string();
+    assert!(err.contains("invalid endpoint"), "{err}");
+    let a_key = uc_mesh::PrivateKey::from_bytes([7; 32])
+        .public_key()
+        .to_string();
+    let a_id = a.node.machine_id.clone();
+    a.node
+        .write(|d| d.set_machine_public_key(&a_id, &a_key))
+        .unwrap();
+    let mut stolen = request(&token, 5);
+    stolen.public_key = a_key;
+    let err = peer::join(&addr, stolen).await.unwrap_err().to_string();
+    assert!(err.contains("already used by machine a"), "{err}");
+    assert_eq!(a.node.read(|d| d.machines().len()), 1);
 
     let ok = peer::join(&addr, request(&token, 5)).await.unwrap();
     assert_eq!(ok.subnet, "10.210.2.0/24");

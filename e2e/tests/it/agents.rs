@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
-use uc_e2e::{Bootstrap, Cluster, ClusterBuilder, eventually};
+use uc_e2e::{Bootstrap, Cluster, ClusterBuilder, GOSSIP_PORT, PEER_PORT, eventually};
 
 use crate::{SETTLE, converged, liveness, noise, services, uc_ok, with_cluster};
 
@@ -337,7 +337,7 @@ fn a_wrong_join_token_is_refused_and_changes_nothing() -> anyhow::Result<()> {
             let out = c.run_agent_once(
                 j,
                 Bootstrap::Join {
-                    peer: c.machine(0).peer_addr(),
+                    peer: c.machine(0).join_addr(),
                     token: bad.clone(),
                 },
                 &[],
@@ -378,7 +378,7 @@ fn a_wrong_join_token_is_refused_and_changes_nothing() -> anyhow::Result<()> {
         c.start_agent(
             j,
             Bootstrap::Join {
-                peer: c.machine(0).peer_addr(),
+                peer: c.machine(0).join_addr(),
                 token: good,
             },
             &[],
@@ -389,13 +389,26 @@ fn a_wrong_join_token_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     })
 }
 
-/// Sends garbage to machine 0's gossip (UDP) and peer (TCP) ports from machine 1's namespace.
+/// Sends garbage to machine 0's gossip (UDP) and peer (TCP) ports on its mesh address, from
+/// machine 1's namespace (so through the mesh), and to its underlay ports: WireGuard (UDP) and the
+/// join endpoint (TCP).
 fn send_garbage(c: &Cluster) -> anyhow::Result<()> {
-    let from = c.machine(1).ip;
-    let gossip: SocketAddr = c.machine(0).gossip_addr().parse()?;
-    let peer: SocketAddr = c.machine(0).peer_addr().parse()?;
+    let mesh = c.mesh_ip(0)?;
+    let gossip = SocketAddr::from((mesh, GOSSIP_PORT));
+    let peer = SocketAddr::from((mesh, PEER_PORT));
+    let wg: SocketAddr = c.machine(0).wg_addr().parse()?;
+    let join: SocketAddr = c.machine(0).join_addr().parse()?;
     c.in_netns(1, move || -> anyhow::Result<()> {
-        let udp = UdpSocket::bind((from, 0))?;
+        let udp = UdpSocket::bind(("0.0.0.0", 0))?;
+        // WireGuard's port: noise, and things shaped like its messages (type 1 to 4).
+        for k in 0..200u64 {
+            let mut bytes = noise(k + 1000, [1usize, 32, 148, 92, 64, 1400][k as usize % 6]);
+            if let Some(b) = bytes.first_mut() {
+                *b = (k % 5) as u8;
+            }
+            udp.send_to(&bytes, wg)
+                .context("sending to the WireGuard port")?;
+        }
         let sizes = [0usize, 1, 7, 64, 512, 1400, 9000, 60000];
         for k in 0..200u64 {
             let mut bytes = noise(k, sizes[k as usize % sizes.len()]);
@@ -408,8 +421,8 @@ fn send_garbage(c: &Cluster) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let talk = |payload: &[u8]| -> anyhow::Result<()> {
-            let mut s = TcpStream::connect_timeout(&peer, Duration::from_secs(5))
+        let talk_to = |to: SocketAddr, payload: &[u8]| -> anyhow::Result<()> {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
                 .context("connecting to the peer port")?;
             s.set_read_timeout(Some(Duration::from_millis(500)))?;
             // The agent may close on us at any point: write errors are fine.
@@ -419,6 +432,12 @@ fn send_garbage(c: &Cluster) -> anyhow::Result<()> {
             let _ = s.read_to_end(&mut sink);
             Ok(())
         };
+        let talk = |payload: &[u8]| talk_to(peer, payload);
+        for target in [peer, join] {
+            talk_to(target, &noise(1, 1))?;
+            talk_to(target, &noise(2, 100))?;
+            talk_to(target, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        }
         talk(&noise(1, 1))?;
         talk(&noise(2, 100))?;
         talk(&noise(3, 200_000))?;

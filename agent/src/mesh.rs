@@ -1,0 +1,338 @@
+//! The agent's side of the mesh: brings up this machine's WireGuard
+//! interface from the cluster state and keeps it matching the state, one
+//! peer change at a time (the planning itself is `uc_mesh`'s, without I/O).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uc_crdt::ClusterState;
+use uc_mesh::endpoint::Observed;
+use uc_mesh::plan::{PlanError, parse_endpoint};
+use uc_mesh::{
+    Backend, EndpointChooser, KeyPair, MeshAddressing, MeshDevice, MeshMachine, PeerConfig, PeerOp,
+    Plan, PublicKey, UserspaceDevice,
+};
+use uc_proto::v1::{WgPeer, WgShowResponse};
+
+use crate::node::{Node, now_ms};
+
+/// How often the interface is compared with the state even when the state
+/// did not change (endpoint rotation, learned endpoints).
+const TICK: Duration = Duration::from_secs(2);
+
+struct Applied {
+    peers: BTreeMap<PublicKey, PeerConfig>,
+    chooser: EndpointChooser,
+    names: BTreeMap<PublicKey, (String, String)>,
+    addresses: Vec<(IpAddr, u8)>,
+}
+
+/// This machine's mesh interface.
+pub struct Mesh {
+    pub interface: String,
+    pub backend: Backend,
+    pub backend_note: String,
+    pub public_key: PublicKey,
+    pub listen_port: u16,
+    /// This machine's mesh addresses when the agent started (10.210.X.1 and
+    /// its IPv6 twin): gossip, sync and the peer API are bound to the first.
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    addressing: MeshAddressing,
+    device: Mutex<Box<dyn MeshDevice>>,
+    applied: Mutex<Applied>,
+}
+
+/// The machines of the state as the planner sees them.
+pub fn mesh_machines(doc: &ClusterState) -> Vec<MeshMachine> {
+    doc.machines()
+        .into_iter()
+        .map(|m| MeshMachine {
+            public_key: m.public_key.parse().ok(),
+            endpoints: m
+                .endpoints
+                .iter()
+                .filter_map(|e| parse_endpoint(e, uc_proto::DEFAULT_WG_PORT))
+                .collect(),
+            id: m.id.to_string(),
+            active: m.is_active(),
+            name: m.name,
+            subnet: m.subnet,
+            created_at_ms: m.created_at_ms,
+        })
+        .collect()
+}
+
+impl Mesh {
+    /// Creates the interface, gives it its addresses and its peers.
+    pub async fn start(node: &Arc<Node>, keys: &KeyPair) -> anyhow::Result<Arc<Mesh>> {
+        let cfg = &node.config;
+        let (addressing, plan) = node.read(|doc| {
+            let addressing = MeshAddressing::new(&doc.cluster_id(), doc.network());
+            let plan = uc_mesh::plan(
+                &addressing,
+                &mesh_machines(doc),
+                node.machine_id.as_str(),
+                &keys.public,
+                uc_mesh::KEEPALIVE_SECS,
+            );
+            (addressing, plan)
+        });
+        let plan = plan.context("planning this machine's mesh interface")?;
+        let kernel = uc_mesh::netlink::kernel_wireguard_available().await;
+        // The kernel backend is not built yet: boringtun carries the mesh
+        // everywhere for now, and the kernel's availability is reported.
+        let backend_note = if kernel {
+            "kernel WireGuard is available; uc uses userspace for now".to_string()
+        } else {
+            "no WireGuard kernel module".to_string()
+        };
+        let device = UserspaceDevice::create(
+            &cfg.wg_interface,
+            &keys.private,
+            cfg.wg_port,
+            cfg.wg_threads,
+        )
+        .with_context(|| {
+            format!(
+                "starting WireGuard (userspace) on {}, port {}/udp",
+                cfg.wg_interface, cfg.wg_port
+            )
+        })?;
+        let addresses = vec![
+            (IpAddr::V4(plan.v4), plan.v4_prefix),
+            (IpAddr::V6(plan.v6), plan.v6_prefix),
+        ];
+        uc_mesh::netlink::configure(&cfg.wg_interface, &addresses, uc_mesh::MTU)
+            .await
+            .with_context(|| format!("configuring {}", cfg.wg_interface))?;
+        let mesh = Arc::new(Mesh {
+            interface: cfg.wg_interface.clone(),
+            backend: device.backend(),
+            backend_note,
+            public_key: keys.public,
+            listen_port: cfg.wg_port,
+            v4: plan.v4,
+            v6: plan.v6,
+            addressing,
+            device: Mutex::new(Box::new(device)),
+            applied: Mutex::new(Applied {
+                peers: BTreeMap::new(),
+                chooser: EndpointChooser::new(),
+                names: BTreeMap::new(),
+                addresses,
+            }),
+        });
+        tracing::info!(
+            interface = %mesh.interface,
+            backend = mesh.backend.as_str(),
+            address = %plan.v4,
+            address_v6 = %plan.v6,
+            port = cfg.wg_port,
+            "mesh interface up"
+        );
+        mesh.apply_plan(Ok(plan)).await?;
+        Ok(mesh)
+    }
+
+    fn plan(&self, node: &Node) -> Result<Plan, PlanError> {
+        node.read(|doc| {
+            uc_mesh::plan(
+                &self.addressing,
+                &mesh_machines(doc),
+                node.machine_id.as_str(),
+                &self.public_key,
+                uc_mesh::KEEPALIVE_SECS,
+            )
+        })
+    }
+
+    /// Brings the interface in line with `plan`: peer changes only where
+    /// something changed. A removed machine keeps no peers.
+    async fn apply_plan(&self, plan: Result<Plan, PlanError>) -> anyhow::Result<()> {
+        let plan = match plan {
+            Ok(p) => Some(p),
+            Err(PlanError::Removed(_)) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot plan the mesh; leaving it as it is");
+                return Ok(());
+            }
+        };
+        // A moved /24 (the state's conflict rules) adds the new address; the
+        // old one stays until restart, so bound sockets keep working.
+        if let Some(p) = &plan {
+            let want = [
+                (IpAddr::V4(p.v4), p.v4_prefix),
+                (IpAddr::V6(p.v6), p.v6_prefix),
+            ];
+            let missing: Vec<_> = {
+                let a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+                want.iter()
+                    .filter(|w| !a.addresses.contains(w))
+                    .copied()
+                    .collect()
+            };
+            if !missing.is_empty() {
+                uc_mesh::netlink::configure(&self.interface, &missing, uc_mesh::MTU).await?;
+                let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+                a.addresses.extend(missing);
+            }
+        }
+        tokio::task::block_in_place(|| self.apply_peers(plan.as_ref()))
+    }
+
+    fn apply_peers(&self, plan: Option<&Plan>) -> anyhow::Result<()> {
+        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let status = dev.status()?;
+        let observed: BTreeMap<PublicKey, Observed> = status
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.public_key,
+                    Observed {
+                        endpoint: p.endpoint,
+                        handshake_age: p.last_handshake_age,
+                    },
+                )
+            })
+            .collect();
+        let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let now = now_ms();
+        let mut desired = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        for (key, peer) in plan.map(|p| &p.peers).into_iter().flatten() {
+            let endpoint = a
+                .chooser
+                .choose(*key, &peer.endpoints, observed.get(key).copied(), now);
+            desired.insert(
+                *key,
+                PeerConfig {
+                    allowed_ips: peer.allowed_ips.clone(),
+                    endpoint,
+                    keepalive: peer.keepalive,
+                },
+            );
+            names.insert(*key, (peer.machine_id.clone(), peer.name.clone()));
+        }
+        a.chooser.retain(|k| desired.contains_key(k));
+        // An endpoint the device learned by itself is already in place:
+        // record it rather than reconfigure (which would restart the session).
+        for (key, cfg) in a.peers.iter_mut() {
+            if let (Some(o), Some(d)) = (observed.get(key), desired.get(key))
+                && o.endpoint.is_some()
+                && o.endpoint == d.endpoint
+            {
+                cfg.endpoint = o.endpoint;
+            }
+        }
+        let ops = uc_mesh::diff(&a.peers, &desired);
+        if !ops.is_empty() {
+            dev.apply(&ops)?;
+            for op in &ops {
+                match op {
+                    PeerOp::Remove(k) => {
+                        let name = a.names.get(k).or(names.get(k)).map(|n| n.1.as_str());
+                        tracing::info!(peer = ?name, key = %k, "mesh peer removed");
+                    }
+                    PeerOp::Add(k, c) => {
+                        let name = names.get(k).map(|n| n.1.as_str());
+                        let endpoint = c.endpoint.map(|e| e.to_string());
+                        tracing::info!(peer = ?name, key = %k, endpoint = ?endpoint, "mesh peer set");
+                    }
+                }
+            }
+            uc_mesh::diff::apply_to(&mut a.peers, &ops);
+        }
+        a.names = names;
+        Ok(())
+    }
+
+    /// Keeps the interface matching the state until `shutdown`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        node: Arc<Node>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let mesh = self.clone();
+        let mut heads = node.subscribe_heads();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = heads.changed() => if r.is_err() { break },
+                    _ = tick.tick() => {}
+                }
+                let plan = mesh.plan(&node);
+                if let Err(e) = mesh.apply_plan(plan).await {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "updating the mesh interface failed"
+                    );
+                }
+            }
+        });
+    }
+
+    /// What `uc wg show` prints.
+    pub fn show(&self, node: &Node) -> anyhow::Result<WgShowResponse> {
+        let status = tokio::task::block_in_place(|| {
+            self.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .status()
+        })?;
+        let a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers: Vec<WgPeer> = status
+            .peers
+            .iter()
+            .map(|p| {
+                let (id, name) = a.names.get(&p.public_key).cloned().unwrap_or_default();
+                WgPeer {
+                    machine_id: id,
+                    machine_name: name,
+                    public_key: p.public_key.to_string(),
+                    endpoint: p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                    allowed_ips: p.allowed_ips.iter().map(|x| x.to_string()).collect(),
+                    last_handshake_age_secs: p
+                        .last_handshake_age
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(-1),
+                    rx_bytes: p.rx_bytes,
+                    tx_bytes: p.tx_bytes,
+                    keepalive_secs: u32::from(p.keepalive),
+                }
+            })
+            .collect();
+        peers.sort_by(|x, y| x.machine_name.cmp(&y.machine_name));
+        Ok(WgShowResponse {
+            machine_id: node.machine_id.to_string(),
+            machine_name: node.config.name.clone(),
+            interface: self.interface.clone(),
+            backend: self.backend.as_str().to_string(),
+            public_key: self.public_key.to_string(),
+            listen_port: u32::from(status.listen_port),
+            addresses: a
+                .addresses
+                .iter()
+                .map(|(ip, p)| format!("{ip}/{p}"))
+                .collect(),
+            peers,
+            backend_note: self.backend_note.clone(),
+        })
+    }
+
+    /// The mesh addresses of a machine of the state (for `uc machine ls`).
+    pub fn addresses_of(&self, subnet: uc_proto::Subnet) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        let v4 = self.addressing.machine_v4(subnet);
+        (v4, v4.and_then(|v| self.addressing.v6_of(v)))
+    }
+}
