@@ -278,6 +278,30 @@ impl Api for ApiService {
         }
         self.write(|doc| doc.remove_machine(&m.id))?;
         tracing::info!(machine = %m.id, name = %m.name, "machine removed from the cluster");
+        // Tell the removed machine at once, while the mesh still carries it
+        // (it stays a peer for a short grace), so it drops its own peers.
+        if let Some(addr) = self
+            .node
+            .mesh
+            .get()
+            .and_then(|mesh| mesh.addresses_of(m.subnet).0)
+        {
+            let node = self.node.clone();
+            let addr = std::net::SocketAddr::new(addr.into(), node.config.peer_port).to_string();
+            tokio::spawn(async move {
+                let Ok(mut client) = crate::peer::client(&addr) else {
+                    return;
+                };
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    crate::peer::sync_session(&node, &mut client),
+                )
+                .await;
+                if !matches!(r, Ok(Ok(()))) {
+                    tracing::info!(%addr, "could not tell the removed machine; it learns when it next syncs");
+                }
+            });
+        }
         Ok(Response::new(RemoveMachineResponse {
             id: m.id.to_string(),
             name: m.name,

@@ -24,12 +24,18 @@ use crate::node::{Node, now_ms};
 /// How often the interface is compared with the state even when the state
 /// did not change (endpoint rotation, learned endpoints).
 const TICK: Duration = Duration::from_secs(2);
+/// A machine removed from the state stays a peer this long, so that it can
+/// still learn of its removal (and drop its own peers) before the mesh
+/// forgets it.
+const REMOVAL_GRACE: Duration = Duration::from_secs(10);
 
 struct Applied {
     peers: BTreeMap<PublicKey, PeerConfig>,
     chooser: EndpointChooser,
     names: BTreeMap<PublicKey, (String, String)>,
     addresses: Vec<(IpAddr, u8)>,
+    /// Machines that were peers here when this agent saw them removed, and when.
+    removed_seen: BTreeMap<String, u64>,
 }
 
 /// This machine's mesh interface.
@@ -126,6 +132,7 @@ impl Mesh {
                 chooser: EndpointChooser::new(),
                 names: BTreeMap::new(),
                 addresses,
+                removed_seen: BTreeMap::new(),
             }),
         });
         tracing::info!(
@@ -141,15 +148,34 @@ impl Mesh {
     }
 
     fn plan(&self, node: &Node) -> Result<Plan, PlanError> {
-        node.read(|doc| {
-            uc_mesh::plan(
-                &self.addressing,
-                &mesh_machines(doc),
-                node.machine_id.as_str(),
-                &self.public_key,
-                uc_mesh::KEEPALIVE_SECS,
-            )
-        })
+        let mut machines = node.read(mesh_machines);
+        let now = now_ms();
+        let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let current: std::collections::BTreeSet<&str> =
+            a.names.values().map(|(id, _)| id.as_str()).collect();
+        let mut graced = Vec::new();
+        for m in machines.iter_mut().filter(|m| !m.active) {
+            let seen = match a.removed_seen.get(&m.id) {
+                Some(t) => Some(*t),
+                None if current.contains(m.id.as_str()) => Some(now),
+                None => None,
+            };
+            if let Some(t) = seen {
+                graced.push((m.id.clone(), t));
+                if now.saturating_sub(t) < REMOVAL_GRACE.as_millis() as u64 {
+                    m.active = true;
+                }
+            }
+        }
+        a.removed_seen = graced.into_iter().collect();
+        drop(a);
+        uc_mesh::plan(
+            &self.addressing,
+            &machines,
+            node.machine_id.as_str(),
+            &self.public_key,
+            uc_mesh::KEEPALIVE_SECS,
+        )
     }
 
     /// Brings the interface in line with `plan`: peer changes only where

@@ -5,6 +5,7 @@
 
 mod agents;
 mod harness;
+mod mesh;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
