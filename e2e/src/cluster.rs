@@ -62,6 +62,8 @@ pub struct ClusterBuilder {
     base_dir: Option<PathBuf>,
     bin_dir: Option<PathBuf>,
     extra_args: Vec<String>,
+    machine_args: std::collections::BTreeMap<usize, Vec<String>>,
+    wg_threads: usize,
     placeholder_agents: bool,
     firewall: Option<bool>,
     timeout: Duration,
@@ -75,6 +77,8 @@ impl ClusterBuilder {
             base_dir: None,
             bin_dir: None,
             extra_args: Vec::new(),
+            machine_args: Default::default(),
+            wg_threads: 1,
             placeholder_agents: false,
             firewall: None,
             timeout: Duration::from_secs(60),
@@ -110,6 +114,21 @@ impl ClusterBuilder {
     /// An argument added to every agent's command line.
     pub fn extra_arg(mut self, arg: impl Into<String>) -> Self {
         self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Arguments added to machine `i`'s agent command line only.
+    pub fn machine_args(mut self, i: usize, args: &[&str]) -> Self {
+        self.machine_args
+            .entry(i)
+            .or_default()
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Userspace WireGuard threads per agent (default 1: several machines share 2 cores here).
+    pub fn wg_threads(mut self, n: usize) -> Self {
+        self.wg_threads = n;
         self
     }
 
@@ -187,6 +206,8 @@ pub struct Cluster {
     created_dir: bool,
     bins: Option<Bins>,
     extra_args: Vec<String>,
+    machine_args: std::collections::BTreeMap<usize, Vec<String>>,
+    wg_threads: usize,
     placeholder: bool,
     firewall: bool,
     timeout: Duration,
@@ -251,6 +272,8 @@ impl Cluster {
             created_dir,
             bins,
             extra_args: b.extra_args.clone(),
+            machine_args: b.machine_args.clone(),
+            wg_threads: b.wg_threads,
             placeholder: b.placeholder_agents,
             firewall: b.firewall.unwrap_or(!b.placeholder_agents),
             timeout: b.timeout,
@@ -465,11 +488,11 @@ impl Cluster {
             m.name.clone(),
             "--advertise-addr".into(),
             m.ip.to_string(),
-            // One userspace WireGuard thread per machine: several machines share 2 cores here.
             "--wg-threads".into(),
-            "1".into(),
+            self.wg_threads.to_string(),
         ];
         args.extend(self.extra_args.iter().cloned());
+        args.extend(self.machine_args.get(&i).into_iter().flatten().cloned());
         match bootstrap {
             Bootstrap::Init => args.push("--init".into()),
             Bootstrap::Join { peer, token } => {

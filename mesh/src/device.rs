@@ -186,11 +186,18 @@ impl MeshDevice for UserspaceDevice {
                 }
             }
         }
-        let answer = self.request(&uapi::render_ops(&safe))?;
-        uapi::parse_set(&answer).map_err(|source| DeviceError::Uapi {
-            name: self.name.clone(),
-            source,
-        })
+        // One request per change: boringtun 0.7 carries `remove`, `endpoint`
+        // and the keepalive over from one peer section of a request to the
+        // next, so a removal followed by an addition in one request would
+        // remove twice.
+        for op in &safe {
+            let answer = self.request(&uapi::render_ops(std::slice::from_ref(op)))?;
+            uapi::parse_set(&answer).map_err(|source| DeviceError::Uapi {
+                name: self.name.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     fn status(&mut self) -> Result<DeviceStatus, DeviceError> {

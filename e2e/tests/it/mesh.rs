@@ -341,6 +341,37 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
     })
 }
 
+/// Each machine advertises a dead endpoint first and its real one second: the mesh forms anyway,
+/// on the real ones (each side moves on to the next endpoint when no handshake comes, and adopts
+/// the endpoint a peer's handshake arrives from).
+#[test]
+fn a_dead_first_endpoint_is_skipped() -> anyhow::Result<()> {
+    let b = ClusterBuilder::new(2)
+        .machine_args(
+            0,
+            &["--endpoint", "172.31.0.250", "--endpoint", "172.31.0.10"],
+        )
+        .machine_args(
+            1,
+            &["--endpoint", "172.31.0.251", "--endpoint", "172.31.0.11"],
+        )
+        .timeout(Duration::from_secs(90));
+    with_cluster(b, |c| {
+        all_reach_all(c, &[0, 1])?;
+        let ms = c.machines_seen_by(0)?;
+        ensure!(
+            ms.iter().any(|m| m["endpoints"][0] == "172.31.0.251:51820"),
+            "the dead endpoint is not published first: {ms:?}"
+        );
+        for (i, j) in [(0, 1), (1, 0)] {
+            let ps = peers(c, i)?;
+            let p = &ps[&c.machine(j).name];
+            ensure!(p["endpoint"] == c.machine(j).wg_addr().as_str(), "{p}");
+        }
+        Ok(())
+    })
+}
+
 /// Garbage on the WireGuard port (shaped like its messages too) from a machine of the cluster:
 /// dropped, and the mesh keeps working.
 #[test]
