@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh serf
 cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
-exec target/release/uc-bench-spine --bin-dir target/release --out docs/benchmarks.md "$@"
+T="${CARGO_TARGET_DIR:-target}/release"
+exec "$T"/uc-bench-spine --bin-dir "$T" --out docs/benchmarks.md "$@"

@@ -29,6 +29,26 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[rank.clamp(1, s.len()) - 1]
 }
 
+/// CPU time (user + system) of process `pid` so far, in seconds.
+pub fn cpu_secs(pid: u32) -> std::io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = || std::io::Error::other(format!("unexpected /proc/{pid}/stat"));
+    let after = &stat[stat.rfind(')').ok_or_else(bad)? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(bad);
+    // Clock ticks are 1/100 s on Linux.
+    Ok((t(11)? + t(12)?) as f64 / 100.0)
+}
+
+/// Today's date and time, for the figures' heading.
+pub fn date_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -312,16 +312,10 @@ async fn ucd_soak(clients: &[ApiClient<Channel>], n: usize, secs: u64) -> anyhow
 /// RSS at the end and CPU over `secs` of an idle process.
 fn idle(pid: u32, secs: u64) -> anyhow::Result<Idle> {
     std::thread::sleep(Duration::from_secs(5));
-    let ticks = |pid: u32| -> anyhow::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let after = &stat[stat.rfind(')').context("bad stat")? + 2..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-    };
-    let t0 = ticks(pid)?;
+    let t0 = uc_bench::cpu_secs(pid)?;
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
-    let t1 = ticks(pid)?;
+    let t1 = uc_bench::cpu_secs(pid)?;
     let wall = start.elapsed().as_secs_f64();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kb = status
@@ -330,10 +324,9 @@ fn idle(pid: u32, secs: u64) -> anyhow::Result<Idle> {
         .and_then(|l| l.split_whitespace().nth(1))
         .context("no VmRSS")?
         .parse()?;
-    // Clock ticks are 1/100 s on Linux.
     Ok(Idle {
         rss_kb,
-        cpu_percent: (t1 - t0) as f64 / 100.0 / wall * 100.0,
+        cpu_percent: (t1 - t0) / wall * 100.0,
     })
 }
 
@@ -553,7 +546,7 @@ fn render(f: &Figures, args: &Args) -> String {
     s.push_str("<!-- spine:begin -->\n## Spine: membership and state propagation (issue 2)\n\n");
     s.push_str(&format!(
         "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: release build, default settings (gossip every 300 ms, dead after phi 6). Serf: Debian's `serf` with default LAN settings.\n\n",
-        date_utc(),
+        uc_bench::date_utc(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     ));
     s.push_str(&format!(
@@ -607,12 +600,4 @@ fn render(f: &Figures, args: &Args) -> String {
     }
     s.push_str("<!-- spine:end -->");
     s
-}
-
-fn date_utc() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
