@@ -4,11 +4,13 @@
 # namespaces on this host, each running the real agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/deps.sh
+# nftables: each local machine firewalls its underlay like a real one would.
+source scripts/deps.sh nftables iputils-ping
 machines="${UC_LOCAL_MACHINES:-3}"
 echo "building uc (release; the first build takes several minutes)"
 cargo build --release --locked -p uc-agent -p uc-cli
-install -m 0755 target/release/uc target/release/ucd /usr/local/bin/
+T="${CARGO_TARGET_DIR:-target}/release"
+install -m 0755 "$T/uc" "$T/ucd" /usr/local/bin/
 if [ -f /var/lib/uc/local/cluster.json ]; then
   /usr/local/bin/uc local down
 fi

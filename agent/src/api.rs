@@ -47,6 +47,17 @@ impl ApiService {
         })
     }
 
+    /// The active machine called `name_or_id` (its name, or its id).
+    fn active_machine(&self, name_or_id: &str) -> Result<uc_crdt::Machine, Status> {
+        self.node
+            .read(|doc| {
+                doc.machine_by_name(name_or_id)
+                    .or_else(|| name_or_id.parse().ok().and_then(|id| doc.machine(&id)))
+            })
+            .filter(|m| m.is_active())
+            .ok_or_else(|| self.machine_not_found(name_or_id))
+    }
+
     fn machine_not_found(&self, name: &str) -> Status {
         let names: Vec<String> = self.node.read(|doc| {
             doc.machines()
@@ -247,10 +258,7 @@ impl Api for ApiService {
     ) -> Result<Response<TagMachineResponse>, Status> {
         self.ready().await?;
         let r = request.into_inner();
-        let id = self
-            .node
-            .read(|doc| doc.machine_by_name(&r.machine).map(|m| m.id))
-            .ok_or_else(|| self.machine_not_found(&r.machine))?;
+        let id = self.active_machine(&r.machine)?.id;
         crate::config::validate_tag(&r.tag).map_err(Status::invalid_argument)?;
         self.write(|doc| doc.set_machine_tag(&id, &r.tag, !r.remove))?;
         Ok(Response::new(TagMachineResponse {}))
@@ -262,14 +270,7 @@ impl Api for ApiService {
     ) -> Result<Response<RemoveMachineResponse>, Status> {
         self.ready().await?;
         let r = request.into_inner();
-        let m = self
-            .node
-            .read(|doc| {
-                doc.machine_by_name(&r.machine)
-                    .or_else(|| r.machine.parse().ok().and_then(|id| doc.machine(&id)))
-            })
-            .filter(|m| m.is_active())
-            .ok_or_else(|| self.machine_not_found(&r.machine))?;
+        let m = self.active_machine(&r.machine)?;
         if m.id == self.node.machine_id {
             return Err(Status::failed_precondition(format!(
                 "{} is the machine answering this command; run `uc machine rm {}` on another machine",
@@ -319,13 +320,7 @@ impl Api for ApiService {
             return crate::peer::wg_show_local(n).map(Response::new);
         }
         self.ready().await?;
-        let m = n
-            .read(|doc| {
-                doc.machine_by_name(&r.machine)
-                    .or_else(|| r.machine.parse().ok().and_then(|id| doc.machine(&id)))
-            })
-            .filter(|m| m.is_active())
-            .ok_or_else(|| self.machine_not_found(&r.machine))?;
+        let m = self.active_machine(&r.machine)?;
         let addr = n
             .mesh
             .get()

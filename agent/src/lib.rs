@@ -41,7 +41,9 @@ use crate::store::Store;
 /// the counter of garbage gossip datagrams.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,chitchat=error,h2=warn,hyper=warn,tower=warn")
+        tracing_subscriber::EnvFilter::new(
+            "info,chitchat=error,h2=warn,hyper=warn,tower=warn,boringtun=error",
+        )
     });
     let counter =
         membership::GarbageCounter.with_filter(tracing_subscriber::filter::filter_fn(|m| {

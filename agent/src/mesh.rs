@@ -22,8 +22,9 @@ use uc_proto::v1::{WgPeer, WgShowResponse};
 use crate::node::{Node, now_ms};
 
 /// How often the interface is compared with the state even when the state
-/// did not change (endpoint rotation, learned endpoints).
-const TICK: Duration = Duration::from_secs(2);
+/// did not change (endpoint rotation, learned endpoints, the end of a
+/// removed machine's grace).
+const TICK: Duration = Duration::from_secs(4);
 /// A machine removed from the state stays a peer this long, so that it can
 /// still learn of its removal (and drop its own peers) before the mesh
 /// forgets it.
@@ -147,8 +148,7 @@ impl Mesh {
         Ok(mesh)
     }
 
-    fn plan(&self, node: &Node) -> Result<Plan, PlanError> {
-        let mut machines = node.read(mesh_machines);
+    fn plan(&self, node: &Node, mut machines: Vec<MeshMachine>) -> Result<Plan, PlanError> {
         let now = now_ms();
         let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         let current: std::collections::BTreeSet<&str> =
@@ -260,16 +260,29 @@ impl Mesh {
         let ops = uc_mesh::diff(&a.peers, &desired);
         if !ops.is_empty() {
             dev.apply(&ops)?;
+            let added: std::collections::BTreeSet<PublicKey> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    PeerOp::Add(k, _) => Some(*k),
+                    PeerOp::Remove(_) => None,
+                })
+                .collect();
             for op in &ops {
                 match op {
-                    PeerOp::Remove(k) => {
-                        let name = a.names.get(k).or(names.get(k)).map(|n| n.1.as_str());
+                    PeerOp::Remove(k) if !added.contains(k) => {
+                        let name = a.names.get(k).map(|n| n.1.as_str());
                         tracing::info!(peer = ?name, key = %k, "mesh peer removed");
                     }
+                    PeerOp::Remove(_) => {}
                     PeerOp::Add(k, c) => {
                         let name = names.get(k).map(|n| n.1.as_str());
                         let endpoint = c.endpoint.map(|e| e.to_string());
-                        tracing::info!(peer = ?name, key = %k, endpoint = ?endpoint, "mesh peer set");
+                        let what = if a.peers.contains_key(k) {
+                            "mesh peer changed"
+                        } else {
+                            "mesh peer added"
+                        };
+                        tracing::info!(peer = ?name, key = %k, endpoint = ?endpoint, "{what}");
                     }
                 }
             }
@@ -291,13 +304,19 @@ impl Mesh {
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The machines of the state, read again only when it changed.
+            let mut machines = node.read(mesh_machines);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    r = heads.changed() => if r.is_err() { break },
+                    r = heads.changed() => {
+                        if r.is_err() { break }
+                        heads.borrow_and_update();
+                        machines = node.read(mesh_machines);
+                    }
                     _ = tick.tick() => {}
                 }
-                let plan = mesh.plan(&node);
+                let plan = mesh.plan(&node, machines.clone());
                 if let Err(e) = mesh.apply_plan(plan).await {
                     tracing::warn!(
                         error = format!("{e:#}"),

@@ -29,6 +29,28 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     s[rank.clamp(1, s.len()) - 1]
 }
 
+/// The directory holding release builds of `ucd` and `uc`, made absolute.
+pub fn bin_dir(dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    std::fs::canonicalize(dir).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{} (build with cargo build --release first): {e}",
+                dir.display()
+            ),
+        )
+    })
+}
+
+/// Whether `bin` is on PATH.
+pub fn have(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// CPU time (user + system) of process `pid` so far, in seconds.
 pub fn cpu_secs(pid: u32) -> std::io::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

@@ -369,19 +369,9 @@ fn parse_log_time(s: &str) -> Option<f64> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin_dir = std::fs::canonicalize(&args.bin_dir).with_context(|| {
-        format!(
-            "{} (build with cargo build --release first)",
-            args.bin_dir.display()
-        )
-    })?;
+    let bin_dir = uc_bench::bin_dir(&args.bin_dir)?;
     for bin in ["iperf3", "wireguard-go", "wg", "ping"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .stdout(Stdio::null())
-            .status()?
-            .success();
-        if !found {
+        if !uc_bench::have(bin) {
             bail!("{bin} is not installed (bench/mesh.sh installs it)");
         }
     }

@@ -75,12 +75,7 @@ struct Soak {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin_dir = std::fs::canonicalize(&args.bin_dir).with_context(|| {
-        format!(
-            "{} (build with cargo build --release first)",
-            args.bin_dir.display()
-        )
-    })?;
+    let bin_dir = uc_bench::bin_dir(&args.bin_dir)?;
     which("serf")?;
     let mut fig = Figures {
         propagation: vec![],
@@ -157,12 +152,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn which(bin: &str) -> anyhow::Result<()> {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    if !ok {
+    if !uc_bench::have(bin) {
         bail!("{bin} is not installed (apt-get install {bin})");
     }
     Ok(())

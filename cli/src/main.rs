@@ -173,11 +173,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(client::status_error)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::json!({"id": r.id, "name": r.name}));
-            } else {
-                println!("removed machine {} ({})", r.name, r.id);
-            }
+            output::named(
+                &r.id,
+                &r.name,
+                json,
+                &format!("removed machine {} ({})", r.name, r.id),
+            );
             Ok(())
         }
         Command::Wg(WgCmd::Show { machine }) => {
@@ -208,11 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(client::status_error)?
                 .into_inner();
-            if json {
-                println!("{}", serde_json::json!({"id": r.id, "name": r.name}));
-            } else {
-                println!("{} {}", r.name, r.id);
-            }
+            output::named(&r.id, &r.name, json, &format!("{} {}", r.name, r.id));
             Ok(())
         }
         Command::State(StateCmd::RmService { name }) => {

@@ -164,6 +164,15 @@ fn ago_future(unix_ms: u64) -> String {
     format!("in {} s", unix_ms.saturating_sub(now) / 1000)
 }
 
+/// Prints what a command made or removed: `{"id", "name"}` as JSON, else `text`.
+pub fn named(id: &str, name: &str, json: bool, text: &str) {
+    if json {
+        println!("{}", serde_json::json!({"id": id, "name": name}));
+    } else {
+        println!("{text}");
+    }
+}
+
 fn short_backend(b: &str) -> String {
     match b {
         "" => "-".into(),
