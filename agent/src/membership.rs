@@ -28,6 +28,9 @@ pub const KEY_ENDPOINTS: &str = "ep";
 pub const KEY_LOAD: &str = "load";
 /// The machine's WireGuard backend.
 pub const KEY_MESH: &str = "wg";
+/// Endpoints this machine learned from peers' handshakes that those peers do
+/// not advertise (a peer behind NAT): `ID=IP:PORT,...`. Usually empty.
+pub const KEY_LEARNED: &str = "wgl";
 
 /// Datagrams on the gossip port that chitchat could not decode. chitchat
 /// drops them inside its transport and only logs; `GarbageCounter` (a
@@ -123,18 +126,15 @@ pub async fn start(
     ];
     let handle = spawn_chitchat(config, kvs, &UdpTransport)
         .await
-        .with_context(|| {
-            format!(
-                "starting gossip on {}:{}/udp",
-                cfg.listen_addr, cfg.gossip_port
-            )
-        })?;
+        .with_context(|| format!("starting gossip on {}/udp", cfg.gossip_addr()))?;
 
     // Publish the heads digest whenever the document changes.
     let chitchat = handle.chitchat();
     let mut heads_rx = node.subscribe_heads();
     let stop = shutdown.clone();
+    let publisher = node.clone();
     tracker.spawn(async move {
+        let node = publisher;
         let mut load_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
@@ -145,7 +145,12 @@ pub async fn start(
                     chitchat.lock().await.self_node_state().set(KEY_HEADS, heads);
                 }
                 _ = load_tick.tick() => {
-                    chitchat.lock().await.self_node_state().set(KEY_LOAD, load_average());
+                    let learned = node.mesh.get().map(|m| m.learned_text()).unwrap_or_default();
+                    let mut c = chitchat.lock().await;
+                    c.self_node_state().set(KEY_LOAD, load_average());
+                    if c.self_node_state().get(KEY_LEARNED).unwrap_or("") != learned {
+                        c.self_node_state().set(KEY_LEARNED, learned);
+                    }
                 }
             }
         }
@@ -199,6 +204,7 @@ pub async fn start(
                         peer_addr: state.get(KEY_PEER_ADDR).and_then(|a| a.parse().ok()),
                         heads: state.get(KEY_HEADS).map(str::to_string),
                         mesh_backend: state.get(KEY_MESH).map(str::to_string),
+                        learned_endpoints: parse_learned(state.get(KEY_LEARNED).unwrap_or("")),
                     };
                     // A restarted machine has a newer generation: it wins.
                     match peers.get(&machine) {
@@ -252,6 +258,16 @@ pub fn chitchat_config(
     }
 }
 
+/// Parses a `KEY_LEARNED` value; malformed entries are skipped.
+pub fn parse_learned(v: &str) -> Vec<(String, SocketAddr)> {
+    v.split(',')
+        .filter_map(|e| {
+            let (id, addr) = e.split_once('=')?;
+            Some((id.to_string(), addr.parse().ok()?))
+        })
+        .collect()
+}
+
 /// `ep` with `port` added unless it already names one.
 pub fn host_port(ep: &str, port: u16) -> String {
     if ep.parse::<SocketAddr>().is_ok() {
@@ -273,6 +289,15 @@ fn load_average() -> String {
 #[cfg(test)]
 mod tests {
     use super::host_port;
+
+    #[test]
+    fn learned_endpoints_parse() {
+        let v = super::parse_learned("a=1.2.3.4:5,bad,b=[fd00::1]:7,c=x");
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].0, "a");
+        assert_eq!(v[1].1.to_string(), "[fd00::1]:7");
+        assert!(super::parse_learned("").is_empty());
+    }
 
     #[test]
     fn host_port_forms() {

@@ -55,6 +55,27 @@ pub struct Mesh {
     applied: Mutex<Applied>,
 }
 
+/// Sends one datagram into the tunnel of each peer just added, so that the
+/// handshake starts now rather than when the first real packet (or the
+/// peer's own retry, up to 5 s later) comes along. It goes to the discard
+/// port of the peer's mesh address; an ICMP "port unreachable" comes back.
+fn poke(added: &std::collections::BTreeSet<PublicKey>, peers: &BTreeMap<PublicKey, PeerConfig>) {
+    let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return;
+    };
+    for k in added {
+        let target = peers.get(k).and_then(|c| {
+            c.allowed_ips.iter().find_map(|a| match a.addr {
+                IpAddr::V4(net) => Some(Ipv4Addr::from(u32::from(net) | 1)),
+                IpAddr::V6(_) => None,
+            })
+        });
+        if let Some(ip) = target {
+            let _ = sock.send_to(&[], (ip, 9));
+        }
+    }
+}
+
 /// The machines of the state as the planner sees them.
 pub fn mesh_machines(doc: &ClusterState) -> Vec<MeshMachine> {
     doc.machines()
@@ -149,6 +170,17 @@ impl Mesh {
     }
 
     fn plan(&self, node: &Node, mut machines: Vec<MeshMachine>) -> Result<Plan, PlanError> {
+        // Endpoints other machines learned from a machine's handshakes are
+        // tried after the ones it advertises.
+        for info in node.peers().values() {
+            for (id, addr) in &info.learned_endpoints {
+                if let Some(m) = machines.iter_mut().find(|m| &m.id == id)
+                    && !m.endpoints.contains(addr)
+                {
+                    m.endpoints.push(*addr);
+                }
+            }
+        }
         let now = now_ms();
         let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         let current: std::collections::BTreeSet<&str> =
@@ -287,6 +319,7 @@ impl Mesh {
                 }
             }
             uc_mesh::diff::apply_to(&mut a.peers, &ops);
+            poke(&added, &desired);
         }
         a.names = names;
         Ok(())
@@ -325,6 +358,17 @@ impl Mesh {
                 }
             }
         });
+    }
+
+    /// Endpoints this machine learned from peers' handshakes that they do
+    /// not advertise, as `ID=IP:PORT,...` for gossip.
+    pub fn learned_text(&self) -> String {
+        let a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        a.names
+            .iter()
+            .filter_map(|(k, (id, _))| a.chooser.learned(k).map(|ep| format!("{id}={ep}")))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// What `uc wg show` prints.

@@ -45,6 +45,8 @@ pub struct PeerInfo {
     pub heads: Option<String>,
     /// Its WireGuard backend, as it says.
     pub mesh_backend: Option<String>,
+    /// Endpoints it learned from other machines' handshakes (machine id, address).
+    pub learned_endpoints: Vec<(String, SocketAddr)>,
 }
 
 /// Counters shown by `uc status`.
