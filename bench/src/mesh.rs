@@ -170,6 +170,7 @@ fn measure(
 /// configured with `wg`; killed on drop.
 struct Stock {
     children: Vec<Child>,
+    sockets: Vec<PathBuf>,
 }
 
 impl Stock {
@@ -201,7 +202,15 @@ impl Stock {
                 Ok((private, public))
             })
             .collect::<anyhow::Result<_>>()?;
-        let mut s = Stock { children: vec![] };
+        let sock = |i: usize| PathBuf::from(format!("/var/run/wireguard/{tag}{i}.sock"));
+        // A killed daemon leaves its socket behind: never mistake it for a new one.
+        for i in 0..2 {
+            let _ = std::fs::remove_file(sock(i));
+        }
+        let mut s = Stock {
+            children: vec![],
+            sockets: (0..2).map(sock).collect(),
+        };
         let mut pids = vec![];
         let dir = tempfile_dir(tag)?;
         for (i, ns) in [a, b].into_iter().enumerate() {
@@ -221,7 +230,6 @@ impl Stock {
             pids.push(child.id());
             s.children.push(child);
         }
-        let sock = |i: usize| PathBuf::from(format!("/var/run/wireguard/{tag}{i}.sock"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(sock(0).exists() && sock(1).exists()) {
             if Instant::now() > deadline {
@@ -276,6 +284,9 @@ impl Drop for Stock {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
         }
     }
 }
