@@ -87,8 +87,11 @@ async fn main() -> anyhow::Result<()> {
     for &n in &args.sizes {
         eprintln!("== N = {n}");
         let mut cluster = Cluster::start(
+            // No underlay firewall: Serf talks over the underlay; ucd's own
+            // traffic goes through its WireGuard mesh either way.
             ClusterBuilder::new(n)
                 .bin_dir(&bin_dir)
+                .underlay_firewall(false)
                 .timeout(Duration::from_secs(120)),
         )?;
         let clients = connect_all(&cluster).await?;
@@ -132,7 +135,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.idle_secs > 0 {
         eprintln!("== idle, 1 agent with 3 peers, {} s", args.idle_secs);
-        let mut cluster = Cluster::start(ClusterBuilder::new(4).bin_dir(&bin_dir))?;
+        let mut cluster = Cluster::start(
+            ClusterBuilder::new(4)
+                .bin_dir(&bin_dir)
+                .underlay_firewall(false),
+        )?;
         let ucd = idle(cluster.machine(0).pid().context("no pid")?, args.idle_secs)?;
         for i in 0..4 {
             cluster.kill9(i)?;
@@ -535,7 +542,7 @@ fn render(f: &Figures, args: &Args) -> String {
         .unwrap_or_default();
     s.push_str("<!-- spine:begin -->\n## Spine: membership and state propagation (issue 2)\n\n");
     s.push_str(&format!(
-        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: release build, default settings (gossip every 300 ms, dead after phi 6). Serf: Debian's `serf` with default LAN settings.\n\n",
+        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: release build, default settings (gossip every 300 ms, dead after phi 6); its gossip and sync travel inside its WireGuard mesh (userspace, one thread per agent), Serf's over the bare link. Serf: Debian's `serf` with default LAN settings.\n\n",
         uc_bench::date_utc(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     ));
