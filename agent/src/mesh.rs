@@ -111,7 +111,14 @@ impl Mesh {
             );
             (addressing, plan)
         });
-        let plan = plan.context("planning this machine's mesh interface")?;
+        let plan = match plan {
+            Err(PlanError::Removed(_)) => anyhow::bail!(
+                "this machine was removed from the cluster (uc machine rm); to join again, move {} \
+                 away and start with --join and a new token",
+                cfg.state_path().display()
+            ),
+            p => p.context("planning this machine's mesh interface")?,
+        };
         let kernel = uc_mesh::netlink::kernel_wireguard_available().await;
         // The kernel backend is not built yet: boringtun carries the mesh
         // everywhere for now, and the kernel's availability is reported.
