@@ -26,7 +26,7 @@ pub struct Args {
     /// Address other agents use to reach this one.
     #[arg(long, env = "UCD_ADVERTISE_ADDR")]
     pub advertise_addr: Option<IpAddr>,
-    /// Address to bind the gossip and peer sockets to.
+    /// Address to bind the join endpoint to (gossip and the peer API bind to the mesh address).
     #[arg(long, env = "UCD_LISTEN_ADDR")]
     pub listen_addr: Option<IpAddr>,
     /// UDP port for gossip (the same on every machine of a cluster).

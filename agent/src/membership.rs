@@ -268,17 +268,6 @@ pub fn parse_learned(v: &str) -> Vec<(String, SocketAddr)> {
         .collect()
 }
 
-/// `ep` with `port` added unless it already names one.
-pub fn host_port(ep: &str, port: u16) -> String {
-    if ep.parse::<SocketAddr>().is_ok() {
-        ep.to_string()
-    } else if ep.contains(':') && !ep.starts_with('[') {
-        format!("[{ep}]:{port}")
-    } else {
-        format!("{ep}:{port}")
-    }
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -288,8 +277,6 @@ fn load_average() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::host_port;
-
     #[test]
     fn learned_endpoints_parse() {
         let v = super::parse_learned("a=1.2.3.4:5,bad,b=[fd00::1]:7,c=x");
@@ -297,13 +284,5 @@ mod tests {
         assert_eq!(v[0].0, "a");
         assert_eq!(v[1].1.to_string(), "[fd00::1]:7");
         assert!(super::parse_learned("").is_empty());
-    }
-
-    #[test]
-    fn host_port_forms() {
-        assert_eq!(host_port("172.31.0.10", 51001), "172.31.0.10:51001");
-        assert_eq!(host_port("172.31.0.10:7", 51001), "172.31.0.10:7");
-        assert_eq!(host_port("fd00::1", 51001), "[fd00::1]:51001");
-        assert_eq!(host_port("pi.lan", 51001), "pi.lan:51001");
     }
 }
