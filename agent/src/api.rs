@@ -147,7 +147,13 @@ impl Api for ApiService {
                 } else {
                     peers.get(&m.id).and_then(|p| p.mesh_backend.clone())
                 };
+                let management = n
+                    .mesh
+                    .get()
+                    .map(|mesh| mesh.management_of(m.id.as_str()).to_string())
+                    .unwrap_or_default();
                 MachineInfo {
+                    mesh_management_address: management,
                     mesh_address: v4.map(|a| a.to_string()).unwrap_or_default(),
                     mesh_address_v6: v6.map(|a| a.to_string()).unwrap_or_default(),
                     mesh_backend: mesh_backend.unwrap_or_default(),
@@ -285,7 +291,7 @@ impl Api for ApiService {
             .node
             .mesh
             .get()
-            .and_then(|mesh| mesh.addresses_of(m.subnet).0)
+            .map(|mesh| mesh.management_of(m.id.as_str()))
         {
             let node = self.node.clone();
             let addr = std::net::SocketAddr::new(addr.into(), node.config.peer_port).to_string();
@@ -324,7 +330,7 @@ impl Api for ApiService {
         let addr = n
             .mesh
             .get()
-            .and_then(|mesh| mesh.addresses_of(m.subnet).0)
+            .map(|mesh| mesh.management_of(m.id.as_str()))
             .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
         let addr = std::net::SocketAddr::new(addr.into(), n.config.peer_port).to_string();
         let mut client = crate::peer::client(&addr).map_err(|e| Status::internal(e.to_string()))?;

@@ -117,9 +117,6 @@ pub struct Config {
     pub wg_port: u16,
     pub wg_interface: String,
     pub wg_threads: usize,
-    /// This machine's mesh address, known once the mesh is up (until then
-    /// the advertise address): gossip, sync and the peer API live there.
-    pub mesh_addr: Option<IpAddr>,
     pub gossip_interval: Duration,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
@@ -130,15 +127,6 @@ pub struct Config {
 }
 
 impl Config {
-    fn mesh_or_advertise(&self) -> IpAddr {
-        self.mesh_addr.unwrap_or(self.advertise_addr)
-    }
-    pub fn gossip_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.mesh_or_advertise(), self.gossip_port)
-    }
-    pub fn peer_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.mesh_or_advertise(), self.peer_port)
-    }
     pub fn join_addr(&self) -> SocketAddr {
         SocketAddr::new(self.advertise_addr, self.join_port)
     }
@@ -284,7 +272,6 @@ impl Args {
             wg_port,
             wg_interface,
             wg_threads,
-            mesh_addr: None,
             gossip_interval,
             endpoints,
             tags,

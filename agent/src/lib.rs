@@ -146,7 +146,7 @@ async fn bootstrap(
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(mut config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let id = machine_id(&config.data_dir)?;
@@ -176,19 +176,18 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         }
     };
     // Everything between agents (gossip, sync, the peer API) lives on this
-    // machine's mesh address.
+    // machine's mesh address: it must have one.
     let mesh_v4 = doc.machine(&id).and_then(|me| {
         uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network()).machine_v4(me.subnet)
     });
-    let Some(mesh_v4) = mesh_v4 else {
+    if mesh_v4.is_none() {
         let _ = std::fs::remove_file(&api_path);
         bail!(
             "this machine has no mesh address in the cluster state (removed from the cluster?); \
              to join again, move {} away and join with a new token",
             config.state_path().display()
         );
-    };
-    config.mesh_addr = Some(IpAddr::V4(mesh_v4));
+    }
     let shutdown = CancellationToken::new();
     let node = Arc::new(Node::new(config.clone(), id.clone(), doc, store, ready));
     let r = serve(&node, &keys, join_listener, api_listener, &shutdown).await;
@@ -237,33 +236,19 @@ async fn serve(
     let mesh = mesh::Mesh::start(node, keys).await?;
     let _ = node.mesh.set(mesh.clone());
     mesh.spawn(node.clone(), &tracker, shutdown.clone());
-    let peer_listener = TcpListener::bind(config.peer_addr())
-        .await
-        .with_context(|| format!("binding the peer API on {}/tcp", config.peer_addr()))?;
-    let membership = match membership::start(node.clone(), &tracker, shutdown.clone()).await {
-        Ok(m) => m,
-        Err(e) => {
-            shutdown.cancel();
-            return Err(e);
-        }
-    };
+    // Gossip, sync and the peer API live on the management address.
+    let mesh_ip = IpAddr::V6(mesh.management);
+    spawn_peer_server(node, mesh_ip, &tracker, shutdown).await?;
+    let membership =
+        match membership::start(node.clone(), mesh_ip, &tracker, shutdown.clone()).await {
+            Ok(m) => m,
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e);
+            }
+        };
     replicator::spawn(node.clone(), &tracker, shutdown.clone());
 
-    let peer_service = PeerServer::new(peer::PeerService { node: node.clone() })
-        .max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
-    let stop = shutdown.clone();
-    let incoming = peer::screened_incoming(peer_listener, node.clone(), &tracker, shutdown.clone());
-    tracker.spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(peer_service)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled())
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "peer API stopped");
-        }
-    });
     let join_service = JoinServer::new(peer::JoinService { node: node.clone() })
         .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
     let stop = shutdown.clone();
@@ -288,19 +273,19 @@ async fn serve(
             tracing::error!(error = %e, "local API stopped");
         }
     });
-    tracker.close();
     tracing::info!(
         machine = %id,
         name = %config.name,
-        mesh = %mesh.v4,
-        gossip = %config.gossip_addr(),
-        peer = %config.peer_addr(),
+        mesh = %mesh_ip,
+        gossip = config.gossip_port,
+        peer = config.peer_port,
         join = %config.join_addr(),
         wireguard = config.wg_port,
         api = %config.api_socket_path().display(),
         "agent running"
     );
 
+    tracker.close();
     wait_for_signal().await?;
     tracing::info!("shutting down");
     shutdown.cancel();
@@ -314,6 +299,35 @@ async fn serve(
     if let Err(e) = node.flush() {
         tracing::error!(error = %e, "storing received changes at shutdown failed");
     }
+    Ok(())
+}
+
+/// Serves the peer API (sync, `WgShow`) on `mesh_ip` until shutdown.
+async fn spawn_peer_server(
+    node: &Arc<Node>,
+    mesh_ip: IpAddr,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = std::net::SocketAddr::new(mesh_ip, node.config.peer_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the peer API on {addr}/tcp"))?;
+    let peer_service = PeerServer::new(peer::PeerService { node: node.clone() })
+        .max_decoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);
+    let stop = shutdown.clone();
+    let incoming = peer::screened_incoming(listener, node.clone(), tracker, shutdown.clone());
+    tracker.spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer_service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "peer API stopped");
+        }
+    });
     Ok(())
 }
 

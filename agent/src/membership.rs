@@ -84,22 +84,26 @@ impl Membership {
 }
 
 /// Starts gossip and the tasks that keep `node`'s view of its peers fresh.
+/// Gossip binds to `mesh_ip` (this machine's management address) and
+/// announces the peer API there.
 pub async fn start(
     node: Arc<Node>,
+    mesh_ip: std::net::IpAddr,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Membership> {
     let cfg = &node.config;
     let gossip_interval = cfg.gossip_interval;
-    let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), cfg.gossip_addr());
-    // Seeds: every other machine's mesh address (gossip runs inside the mesh).
+    let gossip_addr = SocketAddr::new(mesh_ip, cfg.gossip_port);
+    let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), gossip_addr);
+    // Seeds: every other machine's management address (gossip runs inside the mesh).
     let mut seeds: Vec<String> = node.read(|doc| {
         let addressing = uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network());
         doc.machines()
             .into_iter()
             .filter(|m| m.id != node.machine_id && m.state == uc_crdt::MachineState::Active)
-            .filter_map(|m| addressing.machine_v4(m.subnet))
-            .map(|ip| SocketAddr::new(ip.into(), cfg.gossip_port).to_string())
+            .map(|m| SocketAddr::new(addressing.management(m.id.as_str()).into(), cfg.gossip_port))
+            .map(|a| a.to_string())
             .collect()
     });
     seeds.sort();
@@ -108,12 +112,15 @@ pub async fn start(
         chitchat_id,
         node.cluster_id.clone(),
         gossip_interval,
-        cfg.gossip_addr(),
+        gossip_addr,
         seeds,
     );
     let kvs = vec![
         (KEY_HEADS.to_string(), node.heads()),
-        (KEY_PEER_ADDR.to_string(), cfg.peer_addr().to_string()),
+        (
+            KEY_PEER_ADDR.to_string(),
+            SocketAddr::new(mesh_ip, cfg.peer_port).to_string(),
+        ),
         (KEY_ENDPOINTS.to_string(), cfg.endpoints.join(",")),
         (KEY_LOAD.to_string(), load_average()),
         (
@@ -126,7 +133,7 @@ pub async fn start(
     ];
     let handle = spawn_chitchat(config, kvs, &UdpTransport)
         .await
-        .with_context(|| format!("starting gossip on {}/udp", cfg.gossip_addr()))?;
+        .with_context(|| format!("starting gossip on {gossip_addr}/udp"))?;
 
     // Publish the heads digest whenever the document changes.
     let chitchat = handle.chitchat();

@@ -47,9 +47,12 @@ pub struct Mesh {
     pub public_key: PublicKey,
     pub listen_port: u16,
     /// This machine's mesh addresses when the agent started (10.210.X.1 and
-    /// its IPv6 twin): gossip, sync and the peer API are bound to the first.
+    /// its IPv6 twin).
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
+    /// This machine's management address: gossip, sync and the peer API
+    /// live there (it does not change when the machine's /24 does).
+    pub management: Ipv6Addr,
     addressing: MeshAddressing,
     device: Mutex<Box<dyn MeshDevice>>,
     applied: Mutex<Applied>,
@@ -142,6 +145,7 @@ impl Mesh {
         let addresses = vec![
             (IpAddr::V4(plan.v4), plan.v4_prefix),
             (IpAddr::V6(plan.v6), plan.v6_prefix),
+            (IpAddr::V6(plan.management), 128),
         ];
         uc_mesh::netlink::configure(&cfg.wg_interface, &addresses, uc_mesh::MTU)
             .await
@@ -154,6 +158,7 @@ impl Mesh {
             listen_port: cfg.wg_port,
             v4: plan.v4,
             v6: plan.v6,
+            management: plan.management,
             addressing,
             device: Mutex::new(Box::new(device)),
             applied: Mutex::new(Applied {
@@ -169,6 +174,7 @@ impl Mesh {
             backend = mesh.backend.as_str(),
             address = %plan.v4,
             address_v6 = %plan.v6,
+            management = %plan.management,
             port = cfg.wg_port,
             "mesh interface up"
         );
@@ -228,24 +234,33 @@ impl Mesh {
                 return Ok(());
             }
         };
-        // A moved /24 (the state's conflict rules) adds the new address; the
-        // old one stays until restart, so bound sockets keep working.
+        // A moved /24 (the state's conflict rules): the new addresses replace
+        // the old ones, so that traffic from this machine carries an address
+        // its peers accept. Gossip and sync are not disturbed: they live on
+        // the management address, which does not move.
         if let Some(p) = &plan {
-            let want = [
+            let want = vec![
                 (IpAddr::V4(p.v4), p.v4_prefix),
                 (IpAddr::V6(p.v6), p.v6_prefix),
+                (IpAddr::V6(p.management), 128),
             ];
-            let missing: Vec<_> = {
-                let a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-                want.iter()
-                    .filter(|w| !a.addresses.contains(w))
-                    .copied()
-                    .collect()
-            };
-            if !missing.is_empty() {
-                uc_mesh::netlink::configure(&self.interface, &missing, uc_mesh::MTU).await?;
-                let mut a = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-                a.addresses.extend(missing);
+            let have = self
+                .applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .addresses
+                .clone();
+            if have != want {
+                tracing::warn!(address = %p.v4, address_v6 = %p.v6, "this machine moved to another /24 (an older machine holds the old one)");
+                // Old ones first: removing a primary IPv4 address takes the
+                // secondaries of its subnet with it.
+                let stale: Vec<_> = have.into_iter().filter(|a| !want.contains(a)).collect();
+                uc_mesh::netlink::remove_addresses(&self.interface, &stale).await?;
+                uc_mesh::netlink::configure(&self.interface, &want, uc_mesh::MTU).await?;
+                self.applied
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .addresses = want;
             }
         }
         tokio::task::block_in_place(|| self.apply_peers(plan.as_ref()))
@@ -424,6 +439,12 @@ impl Mesh {
             peers,
             backend_note: self.backend_note.clone(),
         })
+    }
+
+    /// The management address of machine `id`, where its peer API and
+    /// gossip listen.
+    pub fn management_of(&self, id: &str) -> Ipv6Addr {
+        self.addressing.management(id)
     }
 
     /// The mesh addresses of a machine of the state (for `uc machine ls`).

@@ -51,7 +51,7 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
                     "endpoints": m.endpoints, "last_seen_unix_ms": m.last_seen_unix_ms,
                     "tags": m.tags, "state": m.state, "is_self": m.is_self, "public_key": m.public_key,
                     "mesh_address": m.mesh_address, "mesh_address_v6": m.mesh_address_v6,
-                    "mesh_backend": m.mesh_backend,
+                    "mesh_backend": m.mesh_backend, "mesh_management_address": m.mesh_management_address,
                 })
             })
             .collect();

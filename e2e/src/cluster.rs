@@ -448,6 +448,20 @@ impl Cluster {
         Ok((v4, v6))
     }
 
+    /// Machine `i`'s management address, where its gossip and peer API listen.
+    pub fn mgmt_ip(&self, i: usize) -> anyhow::Result<std::net::Ipv6Addr> {
+        let ms = self.machines_seen_by(i)?;
+        let me = ms
+            .iter()
+            .find(|m| m["is_self"] == Value::Bool(true))
+            .with_context(|| format!("machine ls of {} lists no self", self.machines[i].name))?;
+        me["mesh_management_address"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("management address of {}: {me}", self.machines[i].name))
+    }
+
     /// `uc wg show -o json` on machine `i`.
     pub fn wg_show(&self, i: usize) -> anyhow::Result<Value> {
         self.uc_json(i, &["wg", "show"])

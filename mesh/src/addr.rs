@@ -108,9 +108,10 @@ impl MeshAddressing {
         subnet.host(1)
     }
 
-    /// The machine's IPv6 /64.
+    /// The machine's IPv6 /64. None for index 0: that /64 holds the
+    /// management addresses (and the first /24 is never given out).
     pub fn machine_v6_net(&self, subnet: Subnet) -> Option<AllowedIp> {
-        let idx = self.index(subnet)?;
+        let idx = self.index(subnet).filter(|i| *i != 0)?;
         let mut seg = self.ula.segments();
         seg[3] = idx;
         Some(AllowedIp {
@@ -132,6 +133,22 @@ impl MeshAddressing {
         seg[3] = idx;
         seg[7] = host;
         Some(Ipv6Addr::from(seg))
+    }
+}
+
+impl MeshAddressing {
+    /// The machine's management address, `<ula>:0:<64 bits of SHA-256 of
+    /// its id>`: independent of its /24, so agent-to-agent traffic (gossip,
+    /// sync, the peer API) is not disturbed when a conflict moves a machine
+    /// to another /24. Subnet id 0 of the ULA is never a machine's (the
+    /// first /24 of the network is never given out).
+    pub fn management(&self, machine_id: &str) -> Ipv6Addr {
+        let d = ring::digest::digest(&ring::digest::SHA256, machine_id.as_bytes());
+        let mut b = self.ula.octets();
+        b[6] = 0;
+        b[7] = 0;
+        b[8..16].copy_from_slice(&d.as_ref()[..8]);
+        Ipv6Addr::from(b)
     }
 }
 
@@ -169,6 +186,16 @@ mod tests {
         // Outside the network, or not a /24: no address.
         assert_eq!(a.index("10.211.7.0/24".parse().unwrap()), None);
         assert_eq!(a.index("10.210.7.0/25".parse().unwrap()), None);
+        // The management address: in the ULA, outside every machine's /64,
+        // one per machine id.
+        let mg = a.management("m1");
+        assert_eq!(mg.segments()[..3], a.ula.segments()[..3]);
+        assert_eq!(mg.segments()[3], 0);
+        assert_ne!(mg, a.management("m2"));
+        assert!(!a.machine_v6_net(s).unwrap().overlaps(&AllowedIp {
+            addr: IpAddr::V6(mg),
+            prefix: 128
+        }));
         // Same cluster, same prefix; another cluster, another prefix.
         assert_eq!(ula_prefix("c1"), MeshAddressing::new("c1", net).ula);
         assert_ne!(ula_prefix("c1"), ula_prefix("c2"));

@@ -64,6 +64,33 @@ pub async fn configure(link: &str, addrs: &[(IpAddr, u8)], mtu: u32) -> Result<(
     Ok(())
 }
 
+/// Removes addresses from `link` (one it does not have is fine).
+pub async fn remove_addresses(link: &str, addrs: &[(IpAddr, u8)]) -> Result<(), NetlinkError> {
+    let h = handle().await?;
+    let index = link_index(&h, link).await?;
+    for (addr, prefix) in addrs {
+        let mut found = h
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(*addr)
+            .set_prefix_length_filter(*prefix)
+            .execute();
+        while let Ok(Some(msg)) = found.try_next().await {
+            h.address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|source| NetlinkError::Request {
+                    what: format!("removing address {addr}/{prefix}"),
+                    link: link.to_string(),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether this kernel can make WireGuard interfaces (it tries to make one
 /// and deletes it at once).
 pub async fn kernel_wireguard_available() -> bool {

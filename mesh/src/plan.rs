@@ -45,6 +45,9 @@ pub struct Plan {
     /// This machine's IPv6 mesh address (`<ula>:X::1`), with the cluster's /48.
     pub v6: Ipv6Addr,
     pub v6_prefix: u8,
+    /// This machine's management address (a /128, see
+    /// [`MeshAddressing::management`]).
+    pub management: Ipv6Addr,
     pub peers: BTreeMap<PublicKey, PlannedPeer>,
 }
 
@@ -69,7 +72,8 @@ pub enum PlanError {
 /// so that every machine resolves a transient conflict the same way: a
 /// machine is a peer when it is active, not this machine, and has a valid
 /// public key that is not this machine's and not an older machine's; its
-/// AllowedIPs are its /24 and its /64, less anything that overlaps this
+/// AllowedIPs are its /24, its /64 and its management /128, less anything
+/// that overlaps this
 /// machine's own or an older peer's (the state's conflict rules move the
 /// younger machine soon after; until then no two peers share an address).
 pub fn plan(
@@ -98,7 +102,12 @@ pub fn plan(
     };
     let v6 = Ipv6Addr::from(u128::from(v6_base) | 1);
 
-    let mut taken: Vec<AllowedIp> = vec![AllowedIp::v4(me.subnet), v6_net];
+    let management = addressing.management(self_id);
+    let mgmt = |ip| AllowedIp {
+        addr: IpAddr::V6(ip),
+        prefix: 128,
+    };
+    let mut taken: Vec<AllowedIp> = vec![AllowedIp::v4(me.subnet), v6_net, mgmt(management)];
     let mut ordered: Vec<&MeshMachine> = machines.iter().collect();
     ordered.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
     let mut peers = BTreeMap::new();
@@ -115,6 +124,7 @@ pub fn plan(
             allowed.push(AllowedIp::v4(m.subnet));
             allowed.extend(addressing.machine_v6_net(m.subnet));
         }
+        allowed.push(mgmt(addressing.management(&m.id)));
         allowed.retain(|a| !taken.iter().any(|t| t.overlaps(a)));
         taken.extend(allowed.iter().copied());
         peers.insert(
@@ -133,6 +143,7 @@ pub fn plan(
         v4_prefix: addressing.network.prefix(),
         v6,
         v6_prefix: ULA_PREFIX,
+        management,
         peers,
     })
 }
@@ -188,6 +199,8 @@ mod tests {
         assert_eq!(b.machine_id, "m02");
         assert_eq!(b.allowed_ips[0].to_string(), "10.210.2.0/24");
         assert_eq!(b.allowed_ips[1].prefix, 64);
+        assert_eq!(b.allowed_ips[2].prefix, 128);
+        assert_eq!(b.allowed_ips.len(), 3);
         assert_eq!(b.endpoints[0].to_string(), "172.31.0.2:51820");
     }
 
@@ -214,8 +227,10 @@ mod tests {
         let ids: Vec<&str> = p.peers.values().map(|x| x.machine_id.as_str()).collect();
         assert_eq!(ids.len(), 2, "{ids:?}");
         assert!(ids.contains(&"m04") && ids.contains(&"m06"));
-        assert_eq!(p.peers[&key(4)].allowed_ips.len(), 2);
-        assert!(p.peers[&key(6)].allowed_ips.is_empty());
+        assert_eq!(p.peers[&key(4)].allowed_ips.len(), 3);
+        // Only its management address is its own.
+        assert_eq!(p.peers[&key(6)].allowed_ips.len(), 1);
+        assert_eq!(p.peers[&key(6)].allowed_ips[0].prefix, 128);
         assert_eq!(
             plan(&addressing(), &ms, "zz", &key(1), 25),
             Err(PlanError::NotInState("zz".into()))
@@ -244,7 +259,7 @@ mod tests {
     }
 
     fn arb_machines() -> impl Strategy<Value = Vec<MeshMachine>> {
-        proptest::collection::vec((0u8..12, 0u8..6, 0u64..5, any::<bool>(), 0u8..4), 1..12)
+        proptest::collection::vec((0u8..12, 1u8..6, 0u64..5, any::<bool>(), 0u8..4), 1..12)
             .prop_map(|specs| {
                 specs
                     .into_iter()
@@ -277,6 +292,7 @@ mod tests {
             let all: Vec<AllowedIp> = p.peers.values().flat_map(|x| x.allowed_ips.clone()).collect();
             for (i, x) in all.iter().enumerate() {
                 prop_assert!(!x.overlaps(&AllowedIp::v4(me.subnet)));
+                prop_assert!(x.addr != IpAddr::V6(p.management));
                 prop_assert!(!x.overlaps(&a.machine_v6_net(me.subnet).unwrap()));
                 for y in &all[i + 1..] {
                     prop_assert!(!x.overlaps(y), "{x} and {y} overlap");
@@ -311,7 +327,7 @@ mod tests {
                 let p = plan(&a, &settled, &m.id, &m.public_key.unwrap(), 25).unwrap();
                 prop_assert_eq!(p.peers.len(), settled.len() - 1);
                 for (k, peer) in p.peers {
-                    prop_assert_eq!(peer.allowed_ips.len(), 2);
+                    prop_assert_eq!(peer.allowed_ips.len(), 3);
                     if let Some(prev) = seen.get(&k) {
                         prop_assert_eq!(prev, &peer);
                     } else {

@@ -389,17 +389,18 @@ fn a_wrong_join_token_is_refused_and_changes_nothing() -> anyhow::Result<()> {
     })
 }
 
-/// Sends garbage to machine 0's gossip (UDP) and peer (TCP) ports on its mesh address, from
+/// Sends garbage to machine 0's gossip (UDP) and peer (TCP) ports on its management address, from
 /// machine 1's namespace (so through the mesh), and to its underlay ports: WireGuard (UDP) and the
 /// join endpoint (TCP).
 fn send_garbage(c: &Cluster) -> anyhow::Result<()> {
-    let mesh = c.mesh_ip(0)?;
+    let mesh = c.mgmt_ip(0)?;
     let gossip = SocketAddr::from((mesh, GOSSIP_PORT));
     let peer = SocketAddr::from((mesh, PEER_PORT));
     let wg: SocketAddr = c.machine(0).wg_addr().parse()?;
     let join: SocketAddr = c.machine(0).join_addr().parse()?;
     c.in_netns(1, move || -> anyhow::Result<()> {
         let udp = UdpSocket::bind(("0.0.0.0", 0))?;
+        let udp6 = UdpSocket::bind(("::", 0))?;
         // WireGuard's port: noise, and things shaped like its messages (type 1 to 4).
         for k in 0..200u64 {
             let mut bytes = noise(k + 1000, [1usize, 32, 148, 92, 64, 1400][k as usize % 6]);
@@ -415,7 +416,7 @@ fn send_garbage(c: &Cluster) -> anyhow::Result<()> {
             if k % 5 == 0 && !bytes.is_empty() {
                 bytes[0] = 0; // plausible-looking protocol versions too
             }
-            udp.send_to(&bytes, gossip)
+            udp6.send_to(&bytes, gossip)
                 .context("sending to the gossip port")?;
             if k % 20 == 0 {
                 std::thread::sleep(Duration::from_millis(5));

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
-use uc_e2e::{Cluster, ClusterBuilder, JOIN_PORT, PEER_PORT, eventually};
+use uc_e2e::{Bootstrap, Cluster, ClusterBuilder, JOIN_PORT, PEER_PORT, eventually};
 
-use crate::{SETTLE, noise, uc_ok, with_cluster};
+use crate::{SETTLE, converged, noise, uc_ok, with_cluster};
 
 /// Waits until every pair of `machines` pings each other's mesh addresses, IPv4 and IPv6.
 fn all_reach_all(c: &Cluster, machines: &[usize]) -> anyhow::Result<()> {
@@ -72,7 +72,7 @@ fn three_machines_reach_each_other_only_through_the_mesh() -> anyhow::Result<()>
             !c.ping(0, under, 1)?,
             "the underlay answered a ping: the firewall is not in place"
         );
-        let mesh1 = c.mesh_ip(1)?;
+        let mesh1 = c.mgmt_ip(1)?;
         let (to_under, to_mesh) = c.in_netns(0, || {
             let under = SocketAddr::from((c.machine(1).ip, PEER_PORT));
             let mesh = SocketAddr::from((mesh1, PEER_PORT));
@@ -103,7 +103,8 @@ fn three_machines_reach_each_other_only_through_the_mesh() -> anyhow::Result<()>
                     p["last_handshake_age_secs"].is_u64(),
                     "no handshake with {name}: {p}"
                 );
-                ensure!(p["allowed_ips"].as_array().map(Vec::len) == Some(2), "{p}");
+                // Its /24, its /64 and its management address.
+                ensure!(p["allowed_ips"].as_array().map(Vec::len) == Some(3), "{p}");
             }
         }
         // Any machine answers for any other, over the mesh.
@@ -243,14 +244,19 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
         let (ko, ko2) = (uc_mesh::KeyPair::generate()?, uc_mesh::KeyPair::generate()?);
         let mut ops = Vec::new();
         let mut targets = Vec::new();
+        let mut mgmt = Vec::new();
         for i in 0..2 {
             let w = c.wg_show(i)?;
             let key: uc_mesh::PublicKey = w["public_key"].as_str().context("key")?.parse()?;
+            mgmt.push(c.mgmt_ip(i)?);
             ops.push(uc_mesh::PeerOp::Add(
                 key,
                 uc_mesh::PeerConfig {
                     allowed_ips: vec![
                         format!("{}/32", c.mesh_ip(i)?)
+                            .parse()
+                            .map_err(anyhow::Error::msg)?,
+                        format!("{}/128", c.mgmt_ip(i)?)
                             .parse()
                             .map_err(anyhow::Error::msg)?,
                     ],
@@ -273,6 +279,13 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
             };
         ops.push(peer_op(&ko2, "10.210.251.0/24", &c.machine(o2).wg_addr())?);
         let ops2 = vec![peer_op(&ko, "10.210.250.0/24", &c.machine(o).wg_addr())?];
+        // An address in the cluster's ULA too, so the outsider routes the management addresses
+        // into its tunnel.
+        let mut seg = mgmt[0].segments();
+        seg[3] = 0xfa;
+        seg[4..].fill(0);
+        seg[7] = 1;
+        let outsider_v6 = std::net::Ipv6Addr::from(seg);
         let start = |keys: uc_mesh::KeyPair, addr: Ipv4Addr, ops: Vec<uc_mesh::PeerOp>| {
             move || -> anyhow::Result<uc_mesh::UserspaceDevice> {
                 use uc_mesh::MeshDevice;
@@ -282,7 +295,7 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
                     .build()?;
                 rt.block_on(uc_mesh::netlink::configure(
                     "ucx0",
-                    &[(IpAddr::V4(addr), 16)],
+                    &[(IpAddr::V4(addr), 16), (IpAddr::V6(outsider_v6), 48)],
                     uc_mesh::MTU,
                 ))?;
                 dev.apply(&ops)?;
@@ -302,12 +315,15 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
         let under: Vec<Ipv4Addr> = (0..2).map(|i| c.machine(i).ip).collect();
         let reached = c.in_netns(o, move || {
             let mut reached = Vec::new();
-            // The mesh addresses: nothing. The underlay: only the join endpoint is open.
+            // The mesh and management addresses: nothing. The underlay: only the join endpoint.
             let mesh = targets
                 .iter()
-                .flat_map(|ip| [(*ip, PEER_PORT), (*ip, JOIN_PORT)]);
-            for (ip, port) in mesh.chain(under.iter().map(|ip| (*ip, PEER_PORT))) {
-                let a = SocketAddr::from((ip, port));
+                .map(|ip| IpAddr::V4(*ip))
+                .chain(mgmt.iter().map(|ip| IpAddr::V6(*ip)))
+                .flat_map(|ip| [(ip, PEER_PORT), (ip, JOIN_PORT)]);
+            let under = under.iter().map(|ip| (IpAddr::V4(*ip), PEER_PORT));
+            for (ip, port) in mesh.chain(under) {
+                let a = SocketAddr::new(ip, port);
                 if TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok() {
                     reached.push(a);
                 }
@@ -337,6 +353,52 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
         }
         ensure!(st.peers.len() == 3);
         drop(device);
+        Ok(())
+    })
+}
+
+/// Two machines join at once on the two sides of a partition and get the same /24. After the
+/// heal the state's conflict rule moves the younger one, and the mesh follows: its gossip and peer
+/// API move to its new address, and every machine reaches every other at the settled addresses.
+#[test]
+fn a_machine_moved_by_a_subnet_clash_stays_in_the_mesh() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(2), |c| {
+        all_reach_all(c, &[0, 1])?;
+        let (a, b) = (c.add_namespace()?, c.add_namespace()?);
+        c.partition(&[1, b])?;
+        let (t0, t1) = (c.token(0)?, c.token(1)?);
+        let (via0, via1) = (c.machine(0).join_addr(), c.machine(1).join_addr());
+        c.start_agent(
+            a,
+            Bootstrap::Join {
+                peer: via0,
+                token: t0,
+            },
+            &[],
+        )?;
+        c.start_agent(
+            b,
+            Bootstrap::Join {
+                peer: via1,
+                token: t1,
+            },
+            &[],
+        )?;
+        c.wait_ready(a)?;
+        c.wait_ready(b)?;
+        let clash = c.mesh_ip(a)?;
+        ensure!(
+            clash == c.mesh_ip(b)?,
+            "the two joiners did not get the same /24"
+        );
+        c.heal()?;
+        eventually(SETTLE, "the clash settled", || {
+            ensure!(c.mesh_ip(a)? != c.mesh_ip(b)?, "both still on {clash}");
+            Ok(())
+        })?;
+        c.wait_membership()?;
+        all_reach_all(c, &[0, 1, a, b])?;
+        converged(c, &[0, 1, a, b])?;
         Ok(())
     })
 }
