@@ -27,6 +27,9 @@ struct Args {
     /// Pings per path.
     #[arg(long, default_value_t = 100)]
     pings: usize,
+    /// Rounds: every path is measured once a round; figures are medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Machines that join, one after the other, for the join-to-tunnel figure.
     #[arg(long, default_value_t = 5)]
     joins: usize,
@@ -164,6 +167,23 @@ fn measure(
         ping_p99_ms: percentile(&rtts, 99.0),
         cpu_s_per_gb: (!pids.is_empty() && bytes1 > 0.0).then(|| (c1 - c0) / (bytes1 / 1e9)),
     })
+}
+
+/// The median of each figure over the runs of one path.
+fn median_of(runs: Vec<PathFigures>) -> PathFigures {
+    let med =
+        |f: &dyn Fn(&PathFigures) -> f64| percentile(&runs.iter().map(f).collect::<Vec<_>>(), 50.0);
+    PathFigures {
+        name: runs[0].name.clone(),
+        single_mbit: med(&|p| p.single_mbit),
+        single_retrans: med(&|p| p.single_retrans as f64) as u64,
+        four_mbit: med(&|p| p.four_mbit),
+        ping_p50_ms: med(&|p| p.ping_p50_ms),
+        ping_p99_ms: med(&|p| p.ping_p99_ms),
+        cpu_s_per_gb: runs[0]
+            .cpu_s_per_gb
+            .map(|_| med(&|p| p.cpu_s_per_gb.unwrap_or(f64::NAN))),
+    }
 }
 
 /// A stock userspace WireGuard (`wireguard-go` or `boringtun-cli`) between the two namespaces,
@@ -400,31 +420,25 @@ fn main() -> anyhow::Result<()> {
     let (a, b) = (c.machine(0).netns.clone(), c.machine(1).netns.clone());
     let ns = (a.as_str(), b.as_str());
     let underlay = (c.machine(0).ip, c.machine(1).ip);
-    let mut paths = Vec::new();
-    paths.push(measure("raw veth (no tunnel)", ns, underlay.1, &[], &args)?);
-    let mesh_b = c.mesh_ip(1)?;
-    let ucd_pids: Vec<u32> = (0..2).filter_map(|i| c.machine(i).pid()).collect();
-    paths.push(measure(
-        "uc mesh (ucd, boringtun device, 2 threads)",
-        ns,
-        mesh_b,
-        &ucd_pids,
-        &args,
-    )?);
+    // Every tunnel is up at once (own interfaces, ports and addresses), and
+    // the paths take turns, round after round: the machine is shared and
+    // noisy, so each figure is the median of the rounds.
+    let _wgg;
+    let _wgb;
+    let mut paths: Vec<(&str, Ipv4Addr, Vec<u32>)> = vec![
+        ("raw veth (no tunnel)", underlay.1, vec![]),
+        (
+            "uc mesh (ucd, boringtun device, 2 threads)",
+            c.mesh_ip(1)?,
+            (0..2).filter_map(|i| c.machine(i).pid()).collect(),
+        ),
+    ];
     {
-        let (_g, pids) = Stock::start("wireguard-go", &["-f"], "wgg", ns, underlay, 98)?;
-        std::thread::sleep(Duration::from_millis(300));
-        paths.push(measure(
-            "wireguard-go (Debian)",
-            ns,
-            Ipv4Addr::new(10, 98, 1, 1),
-            &pids,
-            &args,
-        )?);
-    }
-    {
+        let (g, pids) = Stock::start("wireguard-go", &["-f"], "wgg", ns, underlay, 98)?;
+        _wgg = g;
+        paths.push(("wireguard-go (Debian)", Ipv4Addr::new(10, 98, 1, 1), pids));
         let bt = boringtun.display().to_string();
-        let (_g, pids) = Stock::start(
+        let (g, pids) = Stock::start(
             &bt,
             &["-f", "--disable-drop-privileges"],
             "wgb",
@@ -432,15 +446,22 @@ fn main() -> anyhow::Result<()> {
             underlay,
             99,
         )?;
-        std::thread::sleep(Duration::from_millis(300));
-        paths.push(measure(
+        _wgb = g;
+        paths.push((
             "boringtun-cli (stock, 4 threads)",
-            ns,
             Ipv4Addr::new(10, 99, 1, 1),
-            &pids,
-            &args,
-        )?);
+            pids,
+        ));
     }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut runs: Vec<Vec<PathFigures>> = (0..paths.len()).map(|_| Vec::new()).collect();
+    for round in 0..args.rounds {
+        eprintln!("mesh bench: round {}", round + 1);
+        for (k, (name, ip, pids)) in paths.iter().enumerate() {
+            runs[k].push(measure(name, ns, *ip, pids, &args)?);
+        }
+    }
+    let paths: Vec<PathFigures> = runs.into_iter().map(median_of).collect();
     drop(c);
     eprintln!("mesh bench: join to tunnel");
     let joins = join_to_tunnel(&bin_dir, args.joins)?;
@@ -457,8 +478,9 @@ fn render(paths: &[PathFigures], joins: &[f64], args: &Args) -> String {
     let mut s =
         String::from("<!-- mesh:begin -->\n## Mesh: throughput, latency, CPU, join to tunnel\n\n");
     s.push_str(&format!(
-        "`bench/mesh.sh`, {}. Two machines (network namespaces on one bridge), each path in the same run between the same two namespaces: iperf3 {} s with 1 and 4 streams, {} pings at 20 ms intervals, CPU of the tunnel processes at both ends (user + system) per GB received in the single-stream run. MTU 1420 on every tunnel.\n\n",
+        "`bench/mesh.sh`, {}. Two machines (network namespaces on one bridge), every path up at once between the same two namespaces and measured in turn, {} rounds; each figure is the median of the rounds. Per run: iperf3 {} s with 1 and 4 streams, {} pings at 20 ms intervals, CPU of the tunnel processes at both ends (user + system) per GB received in the single-stream run. MTU 1420 on every tunnel.\n\n",
         uc_bench::date_utc(),
+        args.rounds,
         args.secs,
         args.pings
     ));
