@@ -58,6 +58,17 @@ impl ApiService {
             .ok_or_else(|| self.machine_not_found(name_or_id))
     }
 
+    /// Where machine `m`'s peer API listens: its management address.
+    fn peer_api_of(&self, m: &uc_crdt::Machine) -> Result<String, Status> {
+        let mesh = self
+            .node
+            .mesh
+            .get()
+            .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
+        let ip = mesh.management_of(m.id.as_str());
+        Ok(std::net::SocketAddr::new(ip.into(), self.node.config.peer_port).to_string())
+    }
+
     fn machine_not_found(&self, name: &str) -> Status {
         let names: Vec<String> = self.node.read(|doc| {
             doc.machines()
@@ -117,6 +128,7 @@ impl Api for ApiService {
         self.ready().await?;
         let n = &self.node;
         let peers = n.peers();
+        let mesh = n.mesh.get();
         let machines = n.read(|doc| doc.machines());
         let now = now_ms();
         let machines = machines
@@ -137,19 +149,15 @@ impl Api for ApiService {
                         p.map(|p| p.last_seen_unix_ms).unwrap_or(0),
                     )
                 };
-                let (v4, v6) = n
-                    .mesh
-                    .get()
+                let (v4, v6) = mesh
                     .map(|mesh| mesh.addresses_of(m.subnet))
                     .unwrap_or((None, None));
                 let mesh_backend = if is_self {
-                    n.mesh.get().map(|x| x.backend.as_str().to_string())
+                    mesh.map(|x| x.backend.as_str().to_string())
                 } else {
                     peers.get(&m.id).and_then(|p| p.mesh_backend.clone())
                 };
-                let management = n
-                    .mesh
-                    .get()
+                let management = mesh
                     .map(|mesh| mesh.management_of(m.id.as_str()).to_string())
                     .unwrap_or_default();
                 MachineInfo {
@@ -287,14 +295,8 @@ impl Api for ApiService {
         tracing::info!(machine = %m.id, name = %m.name, "machine removed from the cluster");
         // Tell the removed machine at once, while the mesh still carries it
         // (it stays a peer for a short grace), so it drops its own peers.
-        if let Some(addr) = self
-            .node
-            .mesh
-            .get()
-            .map(|mesh| mesh.management_of(m.id.as_str()))
-        {
+        if let Ok(addr) = self.peer_api_of(&m) {
             let node = self.node.clone();
-            let addr = std::net::SocketAddr::new(addr.into(), node.config.peer_port).to_string();
             tokio::spawn(async move {
                 let Ok(mut client) = crate::peer::client(&addr) else {
                     return;
@@ -327,12 +329,7 @@ impl Api for ApiService {
         }
         self.ready().await?;
         let m = self.active_machine(&r.machine)?;
-        let addr = n
-            .mesh
-            .get()
-            .map(|mesh| mesh.management_of(m.id.as_str()))
-            .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
-        let addr = std::net::SocketAddr::new(addr.into(), n.config.peer_port).to_string();
+        let addr = self.peer_api_of(&m)?;
         let mut client = crate::peer::client(&addr).map_err(|e| Status::internal(e.to_string()))?;
         let answer = client
             .wg_show(WgShowRequest::default())

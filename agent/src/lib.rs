@@ -175,19 +175,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    // Everything between agents (gossip, sync, the peer API) lives on this
-    // machine's mesh address: it must have one.
-    let mesh_v4 = doc.machine(&id).and_then(|me| {
-        uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network()).machine_v4(me.subnet)
-    });
-    if mesh_v4.is_none() {
-        let _ = std::fs::remove_file(&api_path);
-        bail!(
-            "this machine has no mesh address in the cluster state (removed from the cluster?); \
-             to join again, move {} away and join with a new token",
-            config.state_path().display()
-        );
-    }
     let shutdown = CancellationToken::new();
     let node = Arc::new(Node::new(config.clone(), id.clone(), doc, store, ready));
     let r = serve(&node, &keys, join_listener, api_listener, &shutdown).await;

@@ -45,11 +45,6 @@ pub struct Mesh {
     pub backend: Backend,
     pub backend_note: String,
     pub public_key: PublicKey,
-    pub listen_port: u16,
-    /// This machine's mesh addresses when the agent started (10.210.X.1 and
-    /// its IPv6 twin).
-    pub v4: Ipv4Addr,
-    pub v6: Ipv6Addr,
     /// This machine's management address: gossip, sync and the peer API
     /// live there (it does not change when the machine's /24 does).
     pub management: Ipv6Addr,
@@ -142,11 +137,7 @@ impl Mesh {
                 cfg.wg_interface, cfg.wg_port
             )
         })?;
-        let addresses = vec![
-            (IpAddr::V4(plan.v4), plan.v4_prefix),
-            (IpAddr::V6(plan.v6), plan.v6_prefix),
-            (IpAddr::V6(plan.management), 128),
-        ];
+        let addresses = plan.addresses();
         uc_mesh::netlink::configure(&cfg.wg_interface, &addresses, uc_mesh::MTU)
             .await
             .with_context(|| format!("configuring {}", cfg.wg_interface))?;
@@ -155,9 +146,6 @@ impl Mesh {
             backend: device.backend(),
             backend_note,
             public_key: keys.public,
-            listen_port: cfg.wg_port,
-            v4: plan.v4,
-            v6: plan.v6,
             management: plan.management,
             addressing,
             device: Mutex::new(Box::new(device)),
@@ -239,11 +227,7 @@ impl Mesh {
         // its peers accept. Gossip and sync are not disturbed: they live on
         // the management address, which does not move.
         if let Some(p) = &plan {
-            let want = vec![
-                (IpAddr::V4(p.v4), p.v4_prefix),
-                (IpAddr::V6(p.v6), p.v6_prefix),
-                (IpAddr::V6(p.management), 128),
-            ];
+            let want = p.addresses();
             let have = self
                 .applied
                 .lock()

@@ -148,10 +148,11 @@ impl Join for JoinService {
                 "this machine is still catching up with the cluster; try again shortly",
             ));
         }
+        let key_text = key.to_string();
         let key_owner = node.read(|doc| {
             doc.machines()
                 .into_iter()
-                .find(|m| m.is_active() && m.id != id && m.public_key == key.to_string())
+                .find(|m| m.is_active() && m.id != id && m.public_key == key_text)
                 .map(|m| m.name)
         });
         if let Some(owner) = key_owner {

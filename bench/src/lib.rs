@@ -62,6 +62,14 @@ pub fn cpu_secs(pid: u32) -> std::io::Result<f64> {
     Ok((t(11)? + t(12)?) as f64 / 100.0)
 }
 
+/// Nanoseconds since the Unix epoch.
+pub fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
 /// Today's date and time, for the figures' heading.
 pub fn date_utc() -> String {
     std::process::Command::new("date")

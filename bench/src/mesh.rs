@@ -369,7 +369,7 @@ fn join_to_tunnel(bin_dir: &PathBuf, joins: usize) -> anyhow::Result<Vec<f64>> {
                     p["last_handshake_age_secs"]
                         .as_u64()
                         .context("no handshake yet")?;
-                    Ok(now_unix_secs())
+                    Ok(uc_bench::unix_ns() as f64 / 1e9)
                 },
             )?;
             last = last.max(seen);
@@ -379,13 +379,6 @@ fn join_to_tunnel(bin_dir: &PathBuf, joins: usize) -> anyhow::Result<Vec<f64>> {
         c.wait_membership()?;
     }
     Ok(out)
-}
-
-fn now_unix_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Parses the RFC 3339 timestamp at the start of a log line (`2026-11-23T20:41:40.420664Z`)

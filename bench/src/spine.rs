@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -42,13 +42,6 @@ struct Args {
     /// Markdown file to update (between `<!-- spine:begin -->` and `<!-- spine:end -->`).
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-fn unix_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 struct Figures {
@@ -431,7 +424,7 @@ impl Serf {
         for w in 0..events {
             let sender = w % self.netns.len();
             let name = format!("bench{w}x");
-            let t0 = unix_ns();
+            let t0 = uc_bench::unix_ns();
             let ok = Command::new("ip")
                 .args([
                     "netns",

@@ -216,6 +216,18 @@ pub struct Cluster {
     detached: bool,
 }
 
+/// The address in field `field` of a `uc machine ls` entry.
+fn address_field<A: std::str::FromStr>(entry: &Value, field: &str) -> anyhow::Result<A>
+where
+    A::Err: std::error::Error + Send + Sync + 'static,
+{
+    entry[field]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("{field} in {entry}"))
+}
+
 /// What [`Cluster::detach`] writes, so [`Cluster::teardown_detached`] can undo it later.
 #[derive(Serialize, Deserialize)]
 struct DetachedState {
@@ -430,36 +442,24 @@ impl Cluster {
 
     /// Machine `i`'s IPv4 and IPv6 mesh addresses, as its agent reports them.
     pub fn mesh_addresses(&self, i: usize) -> anyhow::Result<(Ipv4Addr, std::net::Ipv6Addr)> {
-        let ms = self.machines_seen_by(i)?;
-        let me = ms
-            .iter()
-            .find(|m| m["is_self"] == Value::Bool(true))
-            .with_context(|| format!("machine ls of {} lists no self", self.machines[i].name))?;
-        let v4 = me["mesh_address"]
-            .as_str()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("mesh address of {}: {me}", self.machines[i].name))?;
-        let v6 = me["mesh_address_v6"]
-            .as_str()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("IPv6 mesh address of {}: {me}", self.machines[i].name))?;
-        Ok((v4, v6))
+        let me = self.own_entry(i)?;
+        Ok((
+            address_field(&me, "mesh_address")?,
+            address_field(&me, "mesh_address_v6")?,
+        ))
     }
 
     /// Machine `i`'s management address, where its gossip and peer API listen.
     pub fn mgmt_ip(&self, i: usize) -> anyhow::Result<std::net::Ipv6Addr> {
-        let ms = self.machines_seen_by(i)?;
-        let me = ms
-            .iter()
+        address_field(&self.own_entry(i)?, "mesh_management_address")
+    }
+
+    /// Machine `i`'s own entry in its `uc machine ls`.
+    fn own_entry(&self, i: usize) -> anyhow::Result<Value> {
+        self.machines_seen_by(i)?
+            .into_iter()
             .find(|m| m["is_self"] == Value::Bool(true))
-            .with_context(|| format!("machine ls of {} lists no self", self.machines[i].name))?;
-        me["mesh_management_address"]
-            .as_str()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("management address of {}: {me}", self.machines[i].name))
+            .with_context(|| format!("machine ls of {} lists no self", self.machines[i].name))
     }
 
     /// `uc wg show -o json` on machine `i`.

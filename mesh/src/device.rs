@@ -50,7 +50,6 @@ pub enum DeviceError {
 /// A WireGuard interface whose peers can be changed one by one.
 pub trait MeshDevice: Send {
     fn backend(&self) -> Backend;
-    fn name(&self) -> &str;
     /// Applies peer changes; peers not named are left alone.
     fn apply(&mut self, ops: &[PeerOp]) -> Result<(), DeviceError>;
     fn status(&mut self) -> Result<DeviceStatus, DeviceError>;
@@ -94,13 +93,7 @@ impl UserspaceDevice {
             uapi: BufReader::new(ours),
             _handle: handle,
         };
-        dev.request(&uapi::render_device(private, listen_port))
-            .and_then(|answer| {
-                uapi::parse_set(&answer).map_err(|source| DeviceError::Uapi {
-                    name: name.to_string(),
-                    source,
-                })
-            })
+        dev.set(&uapi::render_device(private, listen_port))
             .map_err(|e| match e {
                 DeviceError::Uapi {
                     source: UapiError::Errno(98),
@@ -109,6 +102,15 @@ impl UserspaceDevice {
                 e => e,
             })?;
         Ok(dev)
+    }
+
+    /// Sends one `set` request and checks its answer.
+    fn set(&mut self, text: &str) -> Result<(), DeviceError> {
+        let answer = self.request(text)?;
+        uapi::parse_set(&answer).map_err(|source| DeviceError::Uapi {
+            name: self.name.clone(),
+            source,
+        })
     }
 
     /// Sends one request and reads the answer up to the blank line after
@@ -153,10 +155,6 @@ impl MeshDevice for UserspaceDevice {
         Backend::Userspace
     }
 
-    fn name(&self) -> &str {
-        &self.name
-    }
-
     fn apply(&mut self, ops: &[PeerOp]) -> Result<(), DeviceError> {
         if ops.is_empty() {
             return Ok(());
@@ -191,11 +189,7 @@ impl MeshDevice for UserspaceDevice {
         // next, so a removal followed by an addition in one request would
         // remove twice.
         for op in &safe {
-            let answer = self.request(&uapi::render_ops(std::slice::from_ref(op)))?;
-            uapi::parse_set(&answer).map_err(|source| DeviceError::Uapi {
-                name: self.name.clone(),
-                source,
-            })?;
+            self.set(&uapi::render_ops(std::slice::from_ref(op)))?;
         }
         Ok(())
     }

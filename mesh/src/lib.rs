@@ -23,8 +23,6 @@ pub use endpoint::EndpointChooser;
 pub use keys::{KeyError, KeyPair, PrivateKey, PublicKey};
 pub use plan::{MeshMachine, Plan, PlannedPeer, plan};
 
-/// WireGuard's usual port, used when a machine does not say otherwise.
-pub const DEFAULT_WG_PORT: u16 = uc_proto::DEFAULT_WG_PORT;
 /// The mesh interface's MTU: 1500 minus WireGuard's overhead over IPv6.
 pub const MTU: u32 = 1420;
 /// Keepalive every 25 s, so NAT mappings in front of a machine stay open.

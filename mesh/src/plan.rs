@@ -51,6 +51,19 @@ pub struct Plan {
     pub peers: BTreeMap<PublicKey, PlannedPeer>,
 }
 
+impl Plan {
+    /// The addresses the interface carries: the IPv4 and IPv6 mesh
+    /// addresses (with the prefixes that route the whole mesh into it) and
+    /// the management /128.
+    pub fn addresses(&self) -> Vec<(IpAddr, u8)> {
+        vec![
+            (IpAddr::V4(self.v4), self.v4_prefix),
+            (IpAddr::V6(self.v6), self.v6_prefix),
+            (IpAddr::V6(self.management), 128),
+        ]
+    }
+}
+
 /// Why there is no plan.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
