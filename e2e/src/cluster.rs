@@ -796,12 +796,14 @@ impl Cluster {
     /// others as active).
     pub fn wait_membership(&mut self) -> anyhow::Result<()> {
         let running = self.running();
+        let mut dead = None;
         let r = eventually(
             self.timeout,
             &format!("{} machines live everywhere", running.len()),
             || {
                 for &i in &running {
                     if let Some(status) = self.agent_exited(i)? {
+                        dead = Some(i);
                         return Err(Fatal(format!(
                             "the agent of {} exited: {status}",
                             self.machines[i].name
@@ -837,7 +839,10 @@ impl Cluster {
                 Ok(())
             },
         );
-        r.map_err(|e| self.with_logs(e, &running))
+        // An agent that exited says why in its own log: show that one alone, so the reason is
+        // not cut off by the others' logs.
+        let show = dead.map_or(running.clone(), |i| vec![i]);
+        r.map_err(|e| self.with_logs(e, &show))
     }
 
     /// `e` followed by the last lines of the logs of `machines` (all if empty), for test failures.

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
 
 /// A netlink request that failed.
@@ -55,7 +56,19 @@ pub async fn configure(link: &str, addrs: &[(IpAddr, u8)], mtu: u32) -> Result<(
         .await
         .map_err(|e| req("setting MTU and up", e))?;
     for (addr, prefix) in addrs {
-        if let Err(e) = h.address().add(index, *addr, *prefix).execute().await
+        let mut add = h.address().add(index, *addr, *prefix);
+        if addr.is_ipv6() {
+            // Without NODAD a new IPv6 address is "tentative" until the
+            // kernel's DAD work runs (asynchronously, under the RTNL lock),
+            // and binding to it fails with EADDRNOTAVAIL: the agent binds
+            // gossip and its peer API to the management address right after
+            // this call. The mesh owns these addresses; there is nothing to
+            // detect duplicates against on a point-to-point tunnel.
+            add.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        if let Err(e) = add.execute().await
             && !is_exists(&e)
         {
             return Err(req(&format!("adding address {addr}/{prefix}"), e));

@@ -106,3 +106,42 @@ fn a_taken_port_is_a_clear_error() {
     let err = err.expect("the device started on a taken port");
     assert!(err.contains("51830") && err.contains("taken"), "{err}");
 }
+
+#[test]
+fn configured_addresses_can_be_bound_at_once() {
+    // The agent binds gossip and its peer API to the management address right after
+    // configuring it: an IPv6 address still "tentative" (DAD pending) would refuse that.
+    let ns = Netns::new("addr");
+    let v4: std::net::IpAddr = "10.210.7.1".parse().unwrap();
+    let v6: std::net::IpAddr = "fd12:3456:789a:0:1:2:3:4".parse().unwrap();
+    let (dev, bound) = ns.run(|| {
+        let dev = UserspaceDevice::create("uct2", &KeyPair::generate().unwrap().private, 51840, 1)
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(uc_mesh::netlink::configure(
+            "uct2",
+            &[(v4, 24), (v6, 128)],
+            uc_mesh::MTU,
+        ))
+        .unwrap();
+        let bound = [v4, v6].map(|ip| std::net::TcpListener::bind((ip, 0)).map(|_| ()));
+        (dev, bound)
+    });
+    for r in &bound {
+        assert!(r.is_ok(), "binding a configured address: {r:?}");
+    }
+    let out = Command::new("ip")
+        .args(["-n", &ns.0, "-6", "addr", "show", "dev", "uct2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("fd12:3456:789a:0:1:2:3:4/128"), "{text}");
+    assert!(
+        text.contains("nodad") && !text.contains("tentative"),
+        "{text}"
+    );
+    drop(dev);
+}
