@@ -278,6 +278,24 @@ impl Api for ApiService {
         Ok(Response::new(TagMachineResponse {}))
     }
 
+    async fn rename_machine(
+        &self,
+        request: Request<RenameMachineRequest>,
+    ) -> Result<Response<RenameMachineResponse>, Status> {
+        self.ready().await?;
+        let r = request.into_inner();
+        let m = self.active_machine(&r.machine)?;
+        uc_crdt::check_name("machine", &r.new_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.write(|doc| doc.rename_machine(&m.id, &r.new_name))?;
+        tracing::info!(machine = %m.id, old = %m.name, new = %r.new_name, "machine renamed");
+        Ok(Response::new(RenameMachineResponse {
+            id: m.id.to_string(),
+            old_name: m.name,
+            new_name: r.new_name,
+        }))
+    }
+
     async fn remove_machine(
         &self,
         request: Request<RemoveMachineRequest>,

@@ -12,8 +12,15 @@ use uc_proto::Subnet;
 
 /// Command line of `ucd`.
 #[derive(Debug, Parser)]
-#[command(name = "ucd", version, about = "uc agent: one per machine, all equal")]
+#[command(
+    name = "ucd",
+    version,
+    about = "uc agent: one per machine, all equal",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
     /// Directory holding this machine's state, keys and API socket.
     #[arg(long, env = "UCD_DATA_DIR", default_value = "/var/lib/uc")]
     pub data_dir: PathBuf,
@@ -59,17 +66,34 @@ pub struct Args {
     #[arg(long = "tag")]
     pub tags: Vec<String>,
     /// Start a new cluster here (only when the data directory holds no state yet).
-    #[arg(long, conflicts_with = "join")]
+    #[arg(long, env = "UCD_INIT", conflicts_with = "join")]
     pub init: bool,
     /// Cluster network, with --init.
-    #[arg(long, default_value = "10.210.0.0/16", requires = "init")]
+    #[arg(
+        long,
+        env = "UCD_NETWORK",
+        default_value = "10.210.0.0/16",
+        requires = "init"
+    )]
     pub network: Subnet,
-    /// Join an existing cluster through this peer address (HOST:PORT of its peer API).
-    #[arg(long, requires = "token")]
+    /// Join an existing cluster through this address (HOST:PORT of a machine's join endpoint).
+    #[arg(long, env = "UCD_JOIN", requires = "token")]
     pub join: Option<String>,
     /// Join token made by `uc machine token` on a cluster machine.
     #[arg(long, env = "UCD_JOIN_TOKEN", requires = "join")]
     pub token: Option<String>,
+}
+
+/// What `ucd` does instead of running the agent.
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// Bridge standard input and output to the agent's local API socket: what `uc` runs over SSH
+    /// to reach a machine's agent from another computer.
+    DialStdio {
+        /// The agent's API socket.
+        #[arg(long, default_value = "/var/lib/uc/api.sock")]
+        socket: PathBuf,
+    },
 }
 
 /// What the TOML config file may hold.

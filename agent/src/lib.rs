@@ -145,6 +145,27 @@ async fn bootstrap(
     }
 }
 
+/// Copies bytes between standard input/output and the agent's API socket until either side
+/// closes: `uc` runs `ucd dial-stdio` over SSH to reach this machine's agent, so the API never
+/// listens on a network address.
+pub async fn dial_stdio(socket: &Path) -> anyhow::Result<()> {
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the agent's API at {} (is ucd running?)",
+                socket.display()
+            )
+        })?;
+    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    match tokio::io::copy_bidirectional(&mut stdio, &mut stream).await {
+        Ok(_) => Ok(()),
+        // The other end hung up: that is how a session ends.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(e).context("relaying the API"),
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -272,6 +293,10 @@ async fn serve(
         "agent running"
     );
 
+    // Under systemd (Type=notify) the unit is started once the agent serves.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "telling systemd the agent is ready failed");
+    }
     tracker.close();
     wait_for_signal().await?;
     tracing::info!("shutting down");

@@ -1,9 +1,23 @@
 //! `ucd`, the uc agent: parses its configuration and runs until told to stop.
 
 use clap::Parser;
+use uc_agent::config::Subcommand;
 
 fn main() {
     let args = uc_agent::config::Args::parse();
+    if let Some(Subcommand::DialStdio { socket }) = &args.command {
+        // No tracing here: stdout carries the API's bytes.
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(uc_agent::dial_stdio(socket)));
+        if let Err(e) = result {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     uc_agent::init_tracing();
     let result = args.into_config().and_then(|config| {
         tokio::runtime::Builder::new_multi_thread()

@@ -53,7 +53,10 @@ pub fn up(machines: usize, json: bool) -> anyhow::Result<()> {
         context::ContextEntry {
             connections: sockets
                 .iter()
-                .map(|s| context::Connection { unix: s.clone() })
+                .map(|s| context::Connection {
+                    unix: Some(s.clone()),
+                    ..Default::default()
+                })
                 .collect(),
         },
     );

@@ -2,8 +2,13 @@
 
 mod client;
 mod context;
+mod install;
 mod local;
+mod machine;
 mod output;
+mod progress;
+mod ssh;
+mod target;
 
 use std::path::PathBuf;
 
@@ -48,12 +53,99 @@ enum Command {
     /// A cluster of network namespaces on this host, to try uc on one machine.
     #[command(subcommand)]
     Local(LocalCmd),
+    /// Contexts: named lists of connections to a cluster (~/.config/uc/config.toml).
+    #[command(subcommand)]
+    Ctx(CtxCmd),
+}
+
+#[derive(Subcommand)]
+enum CtxCmd {
+    /// List contexts; the current one is marked.
+    Ls,
+    /// Make a context the current one.
+    Use { name: String },
+    /// Show a context's connections (default: the current one).
+    Show { name: Option<String> },
+}
+
+/// What `uc machine init` and `uc machine add` say about the host.
+#[derive(clap::Args)]
+struct HostFlags {
+    /// The machine, as ssh reaches it: [USER@]HOST[:PORT].
+    host: target::SshTarget,
+    /// Name of the machine in the cluster (default: its host name).
+    #[arg(short, long)]
+    name: Option<String>,
+    /// SSH private key to log in with (default: ssh's own choice).
+    #[arg(short = 'i', long)]
+    ssh_key: Option<PathBuf>,
+    /// Where other machines reach its WireGuard: IP or IP:PORT (repeatable; default: its own
+    /// address).
+    #[arg(long = "endpoint")]
+    endpoints: Vec<String>,
+    /// WireGuard's UDP port on the machine (default 51820).
+    #[arg(long)]
+    wg_port: Option<u16>,
+    /// Tags such as `ingress` (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    yes: bool,
+    /// Install even where a uc cluster state exists (it is set aside, not deleted).
+    #[arg(long)]
+    force: bool,
+    /// The ucd binary to install (default: the one next to uc, else on PATH).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+}
+
+impl HostFlags {
+    fn into_args(self) -> machine::HostArgs {
+        machine::HostArgs {
+            target: self.host,
+            name: self.name,
+            ssh_key: self.ssh_key,
+            endpoints: self.endpoints,
+            wg_port: self.wg_port,
+            tags: self.tags,
+            yes: self.yes,
+            force: self.force,
+            binary: self.binary,
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum MachineCmd {
+    /// Start a new cluster on a machine reached over SSH: installs ucd there and selects a
+    /// context for it.
+    Init {
+        #[command(flatten)]
+        host: HostFlags,
+        /// The cluster's network.
+        #[arg(long, default_value = "10.210.0.0/16")]
+        network: String,
+        /// Name of the context to create (default: "default").
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Join a machine reached over SSH to the cluster: installs ucd there and waits until every
+    /// machine reaches it over the mesh.
+    Add {
+        #[command(flatten)]
+        host: HostFlags,
+        /// A join token made elsewhere (`uc machine token`), instead of a fresh one.
+        #[arg(long, requires = "join")]
+        token: Option<String>,
+        /// The join endpoint (IP:PORT) that goes with --token.
+        #[arg(long, requires = "token")]
+        join: Option<String>,
+    },
     /// List machines: name, subnet, live/suspect/dead, endpoints, last seen.
     Ls,
+    /// Rename a machine.
+    Rename { machine: String, new_name: String },
     /// Make a single-use join token for a new machine (`ucd --join ADDR --token TOKEN`).
     Token {
         /// Seconds until the token expires.
@@ -127,8 +219,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Local(LocalCmd::Down) => return local::down(),
         _ => {}
     }
-    let mut api = client::connect(cli.socket.as_deref()).await?;
-    match cli.command {
+    let command = match cli.command {
+        Command::Machine(MachineCmd::Init {
+            host,
+            network,
+            context,
+        }) => return machine::init(host.into_args(), network, context, json).await,
+        Command::Machine(MachineCmd::Add { host, token, join }) => {
+            return machine::add(host.into_args(), cli.socket.as_deref(), token, join, json).await;
+        }
+        Command::Ctx(c) => return ctx(c, json),
+        other => other,
+    };
+    let (mut api, conn) = client::connect_any(cli.socket.as_deref()).await?;
+    match command {
         Command::Status => {
             let s = api
                 .status(uc_proto::v1::StatusRequest {})
@@ -167,12 +271,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(client::status_error)?;
             Ok(())
         }
+        Command::Machine(MachineCmd::Rename { machine, new_name }) => {
+            let r = api
+                .rename_machine(uc_proto::v1::RenameMachineRequest { machine, new_name })
+                .await
+                .map_err(client::status_error)?
+                .into_inner();
+            output::named(
+                &r.id,
+                &r.new_name,
+                json,
+                &format!("renamed machine {} to {}", r.old_name, r.new_name),
+            );
+            Ok(())
+        }
         Command::Machine(MachineCmd::Rm { machine }) => {
+            // The machine's SSH address, to drop from the context (it is no way in any more).
+            let endpoints: Vec<String> = api
+                .list_machines(uc_proto::v1::ListMachinesRequest {})
+                .await
+                .map(|r| r.into_inner().machines)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| m.name == machine || m.id == machine)
+                .flat_map(|m| m.endpoints)
+                .collect();
             let r = api
                 .remove_machine(uc_proto::v1::RemoveMachineRequest { machine })
                 .await
                 .map_err(client::status_error)?
                 .into_inner();
+            if let (context::Conn::Ssh { .. }, Some((ctx, _))) = (&conn, context::current()?) {
+                for ep in &endpoints {
+                    let host = ep.rsplit_once(':').map_or(ep.as_str(), |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    context::remove_ssh_host(&ctx, host)?;
+                }
+            }
             output::named(
                 &r.id,
                 &r.name,
@@ -218,6 +353,108 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(client::status_error)?;
             Ok(())
         }
-        Command::Local(_) => unreachable!("handled above"),
+        Command::Local(_)
+        | Command::Ctx(_)
+        | Command::Machine(MachineCmd::Init { .. } | MachineCmd::Add { .. }) => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ctx(cmd: CtxCmd, json: bool) -> anyhow::Result<()> {
+    let mut config = context::load()?;
+    match cmd {
+        CtxCmd::Ls => {
+            if json {
+                let list: Vec<_> = config
+                    .contexts
+                    .iter()
+                    .map(|(name, c)| {
+                        serde_json::json!({
+                            "name": name,
+                            "current": config.current_context.as_deref() == Some(name),
+                            "connections": c.connections,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                println!("{:<2}{:<20} CONNECTIONS", "", "NAME");
+                for (name, c) in &config.contexts {
+                    let mark = if config.current_context.as_deref() == Some(name) {
+                        "*"
+                    } else {
+                        ""
+                    };
+                    let conns: Vec<String> = c
+                        .connections
+                        .iter()
+                        .map(|c| {
+                            c.check()
+                                .map_or_else(|e| format!("invalid: {e}"), |c| c.to_string())
+                        })
+                        .collect();
+                    println!("{mark:<2}{name:<20} {}", conns.join(", "));
+                }
+            }
+            Ok(())
+        }
+        CtxCmd::Use { name } => {
+            if !config.contexts.contains_key(&name) {
+                let known: Vec<&str> = config.contexts.keys().map(String::as_str).collect();
+                anyhow::bail!(
+                    "no context {name:?} in {} (known: {})",
+                    context::path().display(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                );
+            }
+            config.current_context = Some(name.clone());
+            context::save(&config)?;
+            if !json {
+                println!("using context {name:?}");
+            }
+            Ok(())
+        }
+        CtxCmd::Show { name } => {
+            let name = name
+                .or(config.current_context.clone())
+                .ok_or_else(|| anyhow::anyhow!("no current context; name one"))?;
+            let c = config.contexts.get(&name).ok_or_else(|| {
+                anyhow::anyhow!("no context {name:?} in {}", context::path().display())
+            })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "connections": c.connections})
+                );
+            } else {
+                println!("context {name:?} ({})", context::path().display());
+                for conn in &c.connections {
+                    match conn.check() {
+                        Ok(k) => println!(
+                            "  {k}{}",
+                            conn.ssh_key
+                                .as_ref()
+                                .map(|k| format!(" (key {})", k.display()))
+                                .unwrap_or_default()
+                        ),
+                        Err(e) => println!("  invalid: {e}"),
+                    }
+                }
+            }
+            Ok(())
+        }
     }
 }
