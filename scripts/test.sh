@@ -4,8 +4,9 @@
 # end-to-end tests that run real agents in network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# nftables: the e2e machines firewall their underlay; iputils-ping: the mesh is pinged.
-source scripts/deps.sh nftables iputils-ping
+# nftables: the e2e machines firewall their underlay; iputils-ping: the mesh is pinged;
+# openssh-server: the e2e SSH lab's hosts run sshd (and the laptop ssh).
+source scripts/deps.sh nftables iputils-ping openssh-server
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

@@ -336,12 +336,25 @@ fn default_name() -> String {
     }
 }
 
+/// The address this machine's traffic to the outside leaves from; on a machine without a
+/// default route, its first IPv4 address that is neither loopback, link-local, nor on uc's own
+/// interfaces.
 fn first_non_loopback_ipv4() -> Option<IpAddr> {
     // Ask the kernel which source address it would use; no packet is sent.
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    sock.connect("192.0.2.1:9").ok()?;
-    let ip = sock.local_addr().ok()?.ip();
-    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .ok()
+        .and_then(|sock| {
+            sock.connect("192.0.2.1:9").ok()?;
+            let ip = sock.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        });
+    routed.or_else(|| {
+        nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+            let ip = ifa.address?.as_sockaddr_in()?.ip();
+            let usable = !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified();
+            (usable && !ifa.interface_name.starts_with("uc")).then_some(IpAddr::V4(ip))
+        })
+    })
 }
 
 #[cfg(test)]

@@ -200,7 +200,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(config.clone(), id.clone(), doc, store, ready));
     let r = serve(&node, &keys, join_listener, api_listener, &shutdown).await;
     let _ = std::fs::remove_file(&api_path);
+    if r.is_ok() && node.removed.load(std::sync::atomic::Ordering::SeqCst) {
+        drop(node);
+        set_state_aside(&config)?;
+    }
     r
+}
+
+/// After this machine was removed from its cluster: moves its state, machine id and WireGuard
+/// key into `removed-<unix seconds>/` in the data directory (kept, not deleted), so that the
+/// next start, or `uc machine add`, begins afresh with a new identity.
+fn set_state_aside(config: &Config) -> anyhow::Result<()> {
+    let secs = now_ms() / 1000;
+    let aside = config.data_dir.join(format!("removed-{secs}"));
+    std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    for name in ["state.redb", "machine-id", "wg.key"] {
+        let from = config.data_dir.join(name);
+        if from.exists() {
+            std::fs::rename(&from, aside.join(name))
+                .with_context(|| format!("moving {} to {}", from.display(), aside.display()))?;
+        }
+    }
+    tracing::info!(moved_to = %aside.display(), "state set aside; this machine can be added to a cluster again");
+    Ok(())
 }
 
 async fn serve(
@@ -298,7 +320,11 @@ async fn serve(
         tracing::warn!(error = %e, "telling systemd the agent is ready failed");
     }
     tracker.close();
-    wait_for_signal().await?;
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        // Stopping from within: this machine was removed from the cluster.
+        _ = shutdown.cancelled() => {}
+    }
     tracing::info!("shutting down");
     shutdown.cancel();
     membership.shutdown().await;

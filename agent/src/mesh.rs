@@ -356,11 +356,18 @@ impl Mesh {
                     _ = tick.tick() => {}
                 }
                 let plan = mesh.plan(&node, machines.clone());
+                let removed = matches!(plan, Err(PlanError::Removed(_)));
                 if let Err(e) = mesh.apply_plan(plan).await {
                     tracing::warn!(
                         error = format!("{e:#}"),
                         "updating the mesh interface failed"
                     );
+                }
+                if removed {
+                    tracing::warn!("this machine was removed from the cluster (uc machine rm): the agent stops and sets its state aside");
+                    node.removed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    shutdown.cancel();
+                    break;
                 }
             }
         });

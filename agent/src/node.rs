@@ -96,6 +96,9 @@ pub struct Node {
     pub metrics: Metrics,
     /// The mesh interface, once it is up.
     pub mesh: std::sync::OnceLock<std::sync::Arc<crate::mesh::Mesh>>,
+    /// Set when this machine learns it was removed from the cluster: the agent stops and sets
+    /// its state aside, so the machine can be added again (to this or another cluster).
+    pub removed: std::sync::atomic::AtomicBool,
 }
 
 pub fn now_ms() -> u64 {
@@ -129,6 +132,7 @@ impl Node {
             peers_changed_tx: watch::channel(0).0,
             metrics: Metrics::default(),
             mesh: std::sync::OnceLock::new(),
+            removed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -23,11 +23,20 @@ pub const DEFAULT_SOCKET: &str = "/var/lib/uc/api.sock";
 
 pub type Api = ApiClient<Channel>;
 
-/// The connections to try, in order: the flag, else the current context's connections, else
+/// The connections to try, in order: --socket, else --ssh, else the current context's connections, else
 /// this machine's agent.
-fn candidates(flag: Option<&Path>) -> anyhow::Result<(Vec<Conn>, String)> {
+fn candidates(flag: Option<&Path>, ssh: Option<&SshTarget>) -> anyhow::Result<(Vec<Conn>, String)> {
     if let Some(p) = flag {
         return Ok((vec![Conn::Unix(p.to_path_buf())], "--socket".into()));
+    }
+    if let Some(t) = ssh {
+        return Ok((
+            vec![Conn::Ssh {
+                target: t.clone(),
+                key: None,
+            }],
+            "--ssh".into(),
+        ));
     }
     if let Some((name, conns)) = context::current()? {
         return Ok((conns, format!("context {name:?}")));
@@ -39,8 +48,11 @@ fn candidates(flag: Option<&Path>) -> anyhow::Result<(Vec<Conn>, String)> {
 }
 
 /// Connects through the first connection that answers; returns it with the client.
-pub async fn connect_any(flag: Option<&Path>) -> anyhow::Result<(Api, Conn)> {
-    let (conns, source) = candidates(flag)?;
+pub async fn connect_any(
+    flag: Option<&Path>,
+    ssh: Option<&SshTarget>,
+) -> anyhow::Result<(Api, Conn)> {
+    let (conns, source) = candidates(flag, ssh)?;
     let mut errors = Vec::new();
     for conn in &conns {
         match connect(conn).await {
@@ -67,8 +79,23 @@ pub async fn connect(conn: &Conn) -> anyhow::Result<Api> {
 /// non-interactive shell's PATH does not always hold.
 const DIAL: &str = "PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/sbin:$PATH exec ucd dial-stdio";
 
+/// How long reaching an agent over SSH may take (ssh's own connect timeout is 10 s).
+const SSH_DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// The API of the agent on `ssh`'s host, through `ssh HOST ucd dial-stdio`.
 pub async fn connect_ssh(ssh: &Ssh) -> anyhow::Result<Api> {
+    // An agent that is starting has its socket but may not answer yet: never wait forever.
+    tokio::time::timeout(SSH_DIAL_TIMEOUT, dial_ssh(ssh))
+        .await
+        .unwrap_or_else(|_| {
+            anyhow::bail!(
+                "the agent on {} did not answer over SSH within {SSH_DIAL_TIMEOUT:?}",
+                ssh.target
+            )
+        })
+}
+
+async fn dial_ssh(ssh: &Ssh) -> anyhow::Result<Api> {
     let stderr_text = Arc::new(Mutex::new(String::new()));
     let ssh2 = ssh.clone();
     let text = stderr_text.clone();

@@ -20,6 +20,9 @@ pub const UNIT: &str = "/etc/systemd/system/ucd.service";
 /// The supervised agent's log (under systemd, the journal has it).
 pub const LOG: &str = "/var/lib/uc/ucd.log";
 
+/// Files an install writes over: copied aside first (`PATH.uc-prev`) and put back on failure.
+pub const OVERWRITTEN: [&str; 3] = [CONFIG, SUPERVISOR, UNIT];
+
 /// The ports an agent takes on the underlay, and DNS, which it serves on the mesh.
 pub const JOIN_PORT: u16 = 51002;
 pub const DNS_PORT: u16 = 53;
@@ -33,9 +36,11 @@ if [ "$(id -u)" != 0 ] && sudo -n true 2>/dev/null; then echo sudo=yes; fi
 [ -d /run/systemd/system ] && echo systemd=yes
 [ -e /var/lib/uc/state.redb ] && echo state=yes
 [ -d /var/lib/uc ] && echo data_dir=yes
+[ -f /var/lib/uc/ucd.log ] && echo log=yes
 [ -d /etc/uc ] && echo etc_dir=yes
 [ -d /usr/local/lib/uc ] && echo lib_dir=yes
 [ -f /etc/systemd/system/ucd.service ] && echo unit=yes
+for f in /etc/uc/ucd.toml /usr/local/lib/uc/ucd-supervise /etc/systemd/system/ucd.service; do [ -f $f ] && echo "has=$f"; done
 getent group uc >/dev/null 2>&1 && echo group=yes
 [ -f /run/uc/ucd-supervise.pid ] && echo "supervisor=$(cat /run/uc/ucd-supervise.pid)"
 if [ -f /usr/local/bin/ucd ]; then echo "ucd_sha=$(sha256sum /usr/local/bin/ucd | cut -d' ' -f1)"; fi
@@ -63,9 +68,13 @@ pub struct HostFacts {
     pub systemd: bool,
     pub state: bool,
     pub data_dir: bool,
+    /// The supervised agent's log exists (from an earlier install): it is kept.
+    pub log: bool,
     pub etc_dir: bool,
     pub lib_dir: bool,
     pub unit: bool,
+    /// Which of [`OVERWRITTEN`] exist.
+    pub has: Vec<String>,
     pub group: bool,
     pub supervisor: Option<u32>,
     pub ucd_sha: Option<String>,
@@ -92,6 +101,8 @@ pub fn parse_probe(text: &str) -> Result<HostFacts, String> {
             if let Some(b) = parse_socket_line(rest.0, rest.1) {
                 f.bound.push(b);
             }
+        } else if let Some(path) = line.strip_prefix("has=") {
+            f.has.push(path.trim().to_string());
         } else if let Some((k, v)) = line.split_once('=') {
             kv.insert(k.trim().to_string(), v.trim().to_string());
         }
@@ -107,6 +118,7 @@ pub fn parse_probe(text: &str) -> Result<HostFacts, String> {
     f.systemd = get("systemd") == "yes";
     f.state = get("state") == "yes";
     f.data_dir = get("data_dir") == "yes";
+    f.log = get("log") == "yes";
     f.etc_dir = get("etc_dir") == "yes";
     f.lib_dir = get("lib_dir") == "yes";
     f.unit = get("unit") == "yes";
@@ -338,11 +350,15 @@ done
 pub struct Undo {
     pub systemd: bool,
     pub made_data_dir: bool,
+    /// Keep the agent's log: it was there before.
+    pub keep_log: bool,
     pub made_etc_dir: bool,
     pub made_lib_dir: bool,
     pub made_group: bool,
     /// The binary was absent (remove ours) or replaced (put the old one back).
     pub binary: Option<BinaryUndo>,
+    /// Which of [`OVERWRITTEN`] existed before (and were copied aside).
+    pub existed: Vec<String>,
     /// A previous cluster state moved aside by --force, to move back.
     pub replaced_state: Option<String>,
 }
@@ -357,17 +373,24 @@ pub enum BinaryUndo {
 pub fn rollback_script(u: &Undo) -> String {
     let mut s = String::new();
     if u.systemd {
-        let _ = writeln!(
-            s,
-            "systemctl disable --now ucd >/dev/null 2>&1; rm -f {UNIT}; systemctl daemon-reload"
-        );
+        let _ = writeln!(s, "systemctl disable --now ucd >/dev/null 2>&1");
     }
     let _ = writeln!(
         s,
         "if [ -f {SUPERVISOR_PID} ]; then kill $(cat {SUPERVISOR_PID}) 2>/dev/null; \
          for i in $(seq 50); do [ -f {SUPERVISOR_PID} ] || break; sleep 0.1; done; rm -f {SUPERVISOR_PID}; fi"
     );
-    let _ = writeln!(s, "rm -f {BOOTSTRAP} {CONFIG} {SUPERVISOR}");
+    let _ = writeln!(s, "rm -f {BOOTSTRAP}");
+    for f in OVERWRITTEN {
+        if u.existed.iter().any(|e| e == f) {
+            let _ = writeln!(s, "mv -f {f}.uc-prev {f}");
+        } else {
+            let _ = writeln!(s, "rm -f {f}");
+        }
+    }
+    if u.systemd {
+        let _ = writeln!(s, "systemctl daemon-reload");
+    }
     if u.made_lib_dir {
         let _ = writeln!(s, "rmdir {LIBDIR} 2>/dev/null");
     }
@@ -379,7 +402,12 @@ pub fn rollback_script(u: &Undo) -> String {
     } else {
         let _ = writeln!(
             s,
-            "rm -f {DATA}/state.redb {DATA}/wg.key {DATA}/machine-id {DATA}/machine-id.tmp {DATA}/api.sock {LOG}"
+            "rm -f {DATA}/state.redb {DATA}/wg.key {DATA}/machine-id {DATA}/machine-id.tmp {DATA}/api.sock{}",
+            if u.keep_log {
+                String::new()
+            } else {
+                format!(" {LOG}")
+            }
         );
     }
     if let Some(dir) = &u.replaced_state {

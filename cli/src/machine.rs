@@ -68,6 +68,21 @@ impl Host {
             .unwrap_or_default()
     }
 
+    /// The error the agent last exited with, if it did (`ucd` prints `error: ...` then).
+    async fn agent_error(&self) -> Option<String> {
+        let script = if self.facts.systemd {
+            "journalctl -u ucd -o cat -n 40 --no-pager 2>/dev/null".to_string()
+        } else {
+            format!("tail -n 40 {} 2>/dev/null", install::LOG)
+        };
+        let out = self
+            .ssh
+            .run(&script, self.sudo, None, Duration::from_secs(20))
+            .await
+            .ok()?;
+        last_error(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// This machine's id, once the agent made one.
     async fn machine_id(&self) -> Option<String> {
         let out = self
@@ -93,6 +108,21 @@ impl Host {
         .await
         .map(|_| ())
     }
+}
+
+/// The last `error: ...` that `ucd` printed in `log`, with its indented continuation lines.
+fn last_error(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log.lines().collect();
+    let start = lines.iter().rposition(|l| l.starts_with("error: "))?;
+    let mut out = lines[start].trim_start_matches("error: ").to_string();
+    for l in &lines[start + 1..] {
+        if !l.starts_with("  ") {
+            break;
+        }
+        out.push('\n');
+        out.push_str(l);
+    }
+    Some(out)
 }
 
 fn default_name(facts: &HostFacts, target: &SshTarget) -> String {
@@ -249,6 +279,8 @@ async fn install_agent(
         undo: Undo {
             systemd: facts.systemd,
             made_data_dir: !facts.data_dir,
+            keep_log: facts.log,
+            existed: facts.has.clone(),
             made_etc_dir: !facts.etc_dir,
             made_lib_dir: !facts.lib_dir,
             made_group: !facts.group,
@@ -314,6 +346,10 @@ async fn install_steps(
             data = install::DATA,
         ));
         host.undo.replaced_state = Some(aside);
+    }
+    // What this install overwrites is kept, to put back if it fails.
+    for f in &host.undo.existed {
+        script.push_str(&format!("cp -p {f} {f}.uc-prev\n"));
     }
     let endpoints = args.endpoints.clone();
     script.push_str(&format!(
@@ -405,7 +441,7 @@ async fn fail_and_undo(
     }
     host.ssh.close().await;
     let mut msg = format!("{e:#}");
-    if !log.is_empty() {
+    if !log.is_empty() && !msg.contains("failed to start") {
         msg.push_str(&format!("\nthe agent's last log lines:\n{log}"));
     }
     for n in notes {
@@ -419,13 +455,21 @@ async fn wait_ready(host: &Host) -> anyhow::Result<(Api, uc_proto::v1::StatusRes
     let t0 = Instant::now();
     loop {
         let last;
-        match client::connect_ssh(&host.ssh).await {
+        let attempt = tokio::time::timeout(Duration::from_secs(5), client::connect_ssh(&host.ssh));
+        match attempt
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer yet")))
+        {
             Ok(mut api) => match api.status(uc_proto::v1::StatusRequest {}).await {
                 Ok(s) if s.get_ref().ready => return Ok((api, s.into_inner())),
                 Ok(_) => last = "it has not caught up with the cluster yet".into(),
                 Err(e) => last = e.message().to_string(),
             },
             Err(e) => last = format!("{e:#}"),
+        }
+        // An agent that fails to start says why and exits (to be restarted): no use waiting.
+        if let Some(err) = host.agent_error().await {
+            bail!("the agent on {} failed to start: {err}", host.ssh.target);
         }
         if t0.elapsed() > WAIT_TIMEOUT {
             bail!(
@@ -441,7 +485,14 @@ async fn wait_ready(host: &Host) -> anyhow::Result<(Api, uc_proto::v1::StatusRes
 async fn finish_bootstrap(host: &Host) -> anyhow::Result<()> {
     host.sh(
         "removing the bootstrap file",
-        &format!("rm -f {} {}.uc-prev", install::BOOTSTRAP, install::BIN),
+        &format!(
+            "rm -f {} {}.uc-prev {}",
+            install::BOOTSTRAP,
+            install::BIN,
+            install::OVERWRITTEN
+                .map(|f| format!("{f}.uc-prev"))
+                .join(" ")
+        ),
         None,
     )
     .await
@@ -521,6 +572,7 @@ pub async fn init(
 pub async fn add(
     args: HostArgs,
     socket: Option<&Path>,
+    via: Option<&SshTarget>,
     token: Option<String>,
     join: Option<String>,
     json: bool,
@@ -528,7 +580,7 @@ pub async fn add(
     let mut steps = Steps::new();
     steps.start("reaching the cluster");
     let reached = async {
-        let (mut api, conn) = client::connect_any(socket).await?;
+        let (mut api, conn) = client::connect_any(socket, via).await?;
         let status = rpc(
             api.status(uc_proto::v1::StatusRequest {}).await,
             "asking the cluster's status",
@@ -666,5 +718,20 @@ async fn wait_mesh(mut new_api: Api, cluster: &mut Api, name: &str) -> anyhow::R
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_last_error_is_found_with_its_details() {
+        let log = "INFO started\nerror: old\nuc supervisor: restarting\nerror: invalid configuration:\n  - no address\n  - bad tag\nuc supervisor: ucd exited with status 1\n";
+        assert_eq!(
+            last_error(log).as_deref(),
+            Some("invalid configuration:\n  - no address\n  - bad tag")
+        );
+        assert_eq!(last_error("INFO all good\n"), None);
     }
 }

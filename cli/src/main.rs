@@ -24,6 +24,10 @@ struct Cli {
     /// The agent's API socket (default: the current context, else /var/lib/uc/api.sock).
     #[arg(long, global = true, env = "UC_SOCKET")]
     socket: Option<PathBuf>,
+    /// Reach the cluster through this machine over SSH, [USER@]HOST[:PORT] (default: the current
+    /// context).
+    #[arg(long, global = true, env = "UC_SSH", conflicts_with = "socket")]
+    ssh: Option<target::SshTarget>,
     /// Output format of listings.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -226,12 +230,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             context,
         }) => return machine::init(host.into_args(), network, context, json).await,
         Command::Machine(MachineCmd::Add { host, token, join }) => {
-            return machine::add(host.into_args(), cli.socket.as_deref(), token, join, json).await;
+            return machine::add(
+                host.into_args(),
+                cli.socket.as_deref(),
+                cli.ssh.as_ref(),
+                token,
+                join,
+                json,
+            )
+            .await;
         }
         Command::Ctx(c) => return ctx(c, json),
         other => other,
     };
-    let (mut api, conn) = client::connect_any(cli.socket.as_deref()).await?;
+    let (mut api, conn) = client::connect_any(cli.socket.as_deref(), cli.ssh.as_ref()).await?;
     match command {
         Command::Status => {
             let s = api

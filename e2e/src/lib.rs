@@ -4,6 +4,8 @@
 //! runs `ucd` with its own data directory, and the harness talks to every agent with the real `uc`
 //! through the agent's Unix socket. Dropping a cluster kills its agents and deletes everything it
 //! made, also when a test panics; [`Cluster::detach`] instead leaves it running for `uc local up`.
+//! An [`SshLab`] is a cluster of hosts running sshd and a laptop to reach them from, for what `uc`
+//! does to a machine over SSH.
 //!
 //! Architecture invariant: nothing of a test topology is in the root network namespace, and no test
 //! packet goes anywhere but loopback or a namespace this crate made.
@@ -11,6 +13,7 @@
 mod cluster;
 pub mod netns;
 mod process;
+pub mod sshlab;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,7 @@ pub use cluster::{
     UNDERLAY_FIREWALL, Uc, WG_PORT,
 };
 pub use process::{Bins, run_ok, run_with_timeout};
+pub use sshlab::SshLab;
 
 /// An error that [`eventually`] does not retry: waiting longer cannot help (an agent exited, say).
 #[derive(Debug)]

@@ -5,7 +5,9 @@
 
 mod agents;
 mod harness;
+mod machine_ssh;
 mod mesh;
+mod sshlab;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

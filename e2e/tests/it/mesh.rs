@@ -206,10 +206,25 @@ fn machines_join_leave_and_restart_without_disturbing_the_others() -> anyhow::Re
             );
         }
         let m0 = c.mesh_ip(0)?;
-        eventually(SETTLE, "m3 drops its peers", || {
-            ensure!(peers(c, d)?.is_empty(), "m3 still has peers");
-            Ok(())
+        // m3 learns it was removed: its agent stops by itself (status 0, so no supervisor
+        // restarts it), taking its interface down, and sets its identity and state aside.
+        let status = eventually(SETTLE, "m3's agent stops by itself", || {
+            c.agent_exited(d)?.context("still running")
         })?;
+        ensure!(status.success(), "m3's agent exited with {status}");
+        let data = c.machine(d).data_dir.clone();
+        ensure!(
+            !data.join("state.redb").exists() && !data.join("wg.key").exists(),
+            "m3's state was not set aside"
+        );
+        let aside: Vec<_> = std::fs::read_dir(&data)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("removed-"))
+            .collect();
+        ensure!(
+            aside.len() == 1 && aside[0].path().join("state.redb").exists(),
+            "m3's state is not kept in removed-*/"
+        );
         ensure!(
             !c.ping(d, IpAddr::V4(m0), 1)?,
             "the removed m3 still reaches m0"
