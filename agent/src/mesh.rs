@@ -25,9 +25,9 @@ use crate::node::{Node, now_ms};
 /// did not change (endpoint rotation, learned endpoints, the end of a
 /// removed machine's grace).
 const TICK: Duration = Duration::from_secs(4);
-/// A machine removed from the state stays a peer this long, so that it can
-/// still learn of its removal (and drop its own peers) before the mesh
-/// forgets it.
+/// A machine removed from the state stays a peer this long, for its
+/// management address only (its /24 is free at once), so that it can still
+/// learn of its removal (and reset itself) before the mesh forgets it.
 const REMOVAL_GRACE: Duration = Duration::from_secs(10);
 
 struct Applied {
@@ -89,6 +89,7 @@ pub fn mesh_machines(doc: &ClusterState) -> Vec<MeshMachine> {
             active: m.is_active(),
             name: m.name,
             subnet: m.subnet,
+            leaving: false,
             created_at_ms: m.created_at_ms,
         })
         .collect()
@@ -196,7 +197,7 @@ impl Mesh {
             if let Some(t) = seen {
                 graced.push((m.id.clone(), t));
                 if now.saturating_sub(t) < REMOVAL_GRACE.as_millis() as u64 {
-                    m.active = true;
+                    m.leaving = true;
                 }
             }
         }

@@ -548,6 +548,36 @@ tcp6   7: 000080FE00000000FF0054525E0B12FE:0016 00000000000000000000000000000000
     }
 
     #[test]
+    fn systemd_accepts_the_unit() {
+        // systemd's own checker, offline; the unit's ExecStart must name an existing file.
+        let dir = tempfile::tempdir().unwrap();
+        let unit = systemd_unit().replace(BIN, "/bin/sleep");
+        let path = dir.path().join("ucd.service");
+        std::fs::write(&path, unit).unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (package systemd) is needed");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.trim().is_empty(), "{err}");
+        // And the check can fail.
+        std::fs::write(
+            &path,
+            systemd_unit()
+                .replace(BIN, "/bin/sleep")
+                .replace("on-failure", "bogus"),
+        )
+        .unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+    }
+
+    #[test]
     fn probe_without_uid_is_an_error() {
         assert!(parse_probe("garbage").is_err());
     }

@@ -22,6 +22,9 @@ pub struct MeshMachine {
     pub subnet: Subnet,
     /// Removed machines are not peers.
     pub active: bool,
+    /// A removed machine still being told of its removal: a peer for its management address
+    /// only, so its /24 and /64 are free at once for a machine that takes them.
+    pub leaving: bool,
     pub created_at_ms: u64,
 }
 
@@ -125,7 +128,7 @@ pub fn plan(
     ordered.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
     let mut peers = BTreeMap::new();
     for m in ordered {
-        if m.id == self_id || !m.active {
+        if m.id == self_id || !(m.active || m.leaving) {
             continue;
         }
         let Some(key) = m.public_key else { continue };
@@ -133,7 +136,7 @@ pub fn plan(
             continue;
         }
         let mut allowed = Vec::new();
-        if addressing.index(m.subnet).is_some() {
+        if m.active && addressing.index(m.subnet).is_some() {
             allowed.push(AllowedIp::v4(m.subnet));
             allowed.extend(addressing.machine_v6_net(m.subnet));
         }
@@ -191,8 +194,33 @@ mod tests {
             endpoints: vec![SocketAddr::from(([172, 31, 0, n], 51820))],
             subnet: format!("10.210.{subnet_x}.0/24").parse().unwrap(),
             active: true,
+            leaving: false,
             created_at_ms: created,
         }
+    }
+
+    #[test]
+    fn a_leaving_machine_keeps_only_its_management_address() {
+        let a = addressing();
+        // m2 was removed and is being told so; m3 joined since and took its /24.
+        let mut old = machine(2, 2, 10);
+        old.active = false;
+        old.leaving = true;
+        let ms = vec![machine(1, 1, 1), old.clone(), machine(3, 2, 20)];
+        let p = plan(&a, &ms, "m01", &key(1), 25).unwrap();
+        let leaving = &p.peers[&key(2)];
+        assert_eq!(leaving.allowed_ips.len(), 1);
+        assert_eq!(leaving.allowed_ips[0].addr, IpAddr::V6(a.management("m02")));
+        let new = &p.peers[&key(3)];
+        assert!(
+            new.allowed_ips
+                .contains(&AllowedIp::v4("10.210.2.0/24".parse().unwrap()))
+        );
+        assert_eq!(new.allowed_ips.len(), 3);
+        // Once it is gone for good, it is no peer at all.
+        old.leaving = false;
+        let p = plan(&a, &[machine(1, 1, 1), old], "m01", &key(1), 25).unwrap();
+        assert!(p.peers.is_empty());
     }
 
     fn addressing() -> MeshAddressing {
@@ -286,6 +314,7 @@ mod tests {
                             .collect(),
                         subnet: format!("10.210.{x}.0/24").parse().unwrap(),
                         active: active || i == 0,
+                        leaving: false,
                         created_at_ms: created,
                     })
                     .collect()

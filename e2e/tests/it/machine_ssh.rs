@@ -416,6 +416,42 @@ fn failed_installs_leave_the_host_as_it_was() -> anyhow::Result<()> {
         // The cluster has no trace of the refused joins.
         let ms = machines_via(lab, 0)?;
         ensure!(ms.len() == 1, "the cluster lists {ms:?}");
+
+        // --force takes over a machine of another cluster, keeping its old state aside.
+        uc_ok(
+            lab,
+            &[
+                "machine",
+                "init",
+                &h1,
+                "-y",
+                "--context",
+                "other",
+                "--name",
+                "solo",
+            ],
+        )?;
+        ensure!(context_file(lab)?["current_context"].as_str() == Some("other"));
+        uc_ok(lab, &["ctx", "use", "default"])?;
+        uc_fails(lab, &["machine", "add", &h1, "-y"], "--force")?;
+        uc_ok(
+            lab,
+            &["machine", "add", &h1, "-y", "--force", "--name", "h1b"],
+        )?;
+        let names = eventually(SETTLE, "h0 and h1b live", || all_live_via(lab, 0, 2))?;
+        ensure!(
+            names == BTreeSet::from(["h0".into(), "h1b".into()]),
+            "{names:?}"
+        );
+        let kept: Vec<_> = std::fs::read_dir(lab.host_path(1, "/var/lib/uc"))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".replaced-"))
+            .filter(|e| e.path().join("state.redb").exists())
+            .collect();
+        ensure!(
+            kept.len() == 1,
+            "the old cluster's state was not kept aside"
+        );
         Ok(())
     })
 }

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# `uc machine add` benchmark: from the command to the new machine reachable over the mesh from
+# every machine, step by step, on hosts reached over real SSH (cold: binary copied; prepared:
+# binary there), beside the bare ssh round trip and copy; written into docs/benchmarks.md.
+# Needs root. About 2 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh nftables iputils-ping openssh-server openssh-client
+cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
+T="${CARGO_TARGET_DIR:-target}/release"
+UC_BIN_DIR="$T" exec "$T"/uc-bench-join --out docs/benchmarks.md "$@"
