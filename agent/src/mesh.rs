@@ -203,6 +203,19 @@ impl Mesh {
         }
         a.removed_seen = graced.into_iter().collect();
         drop(a);
+        // A machine added at the same endpoint (the same host, joined again) ends the grace at
+        // once: the userspace device keeps one connected socket per peer, and two peers at one
+        // address would take each other's packets.
+        let active_endpoints: std::collections::BTreeSet<std::net::SocketAddr> = machines
+            .iter()
+            .filter(|m| m.active)
+            .flat_map(|m| m.endpoints.iter().copied())
+            .collect();
+        for m in machines.iter_mut().filter(|m| m.leaving) {
+            if m.endpoints.iter().any(|e| active_endpoints.contains(e)) {
+                m.leaving = false;
+            }
+        }
         uc_mesh::plan(
             &self.addressing,
             &machines,
