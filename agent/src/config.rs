@@ -321,19 +321,7 @@ pub fn validate_tag(tag: &str) -> Result<(), String> {
 }
 
 fn default_name() -> String {
-    let raw = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let name: String = raw
-        .trim()
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let name = name.trim_matches('-').to_string();
-    if name.is_empty() {
-        "machine".into()
-    } else {
-        name
-    }
+    uc_proto::machine_name_from_host(&std::fs::read_to_string("/etc/hostname").unwrap_or_default())
 }
 
 /// The address this machine's traffic to the outside leaves from; on a machine without a

@@ -126,22 +126,11 @@ fn last_error(log: &str) -> Option<String> {
 }
 
 fn default_name(facts: &HostFacts, target: &SshTarget) -> String {
-    let raw = if facts.hostname.is_empty() {
+    uc_proto::machine_name_from_host(if facts.hostname.is_empty() {
         &target.host
     } else {
         &facts.hostname
-    };
-    let name: String = raw
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let name = name.trim_matches('-').to_string();
-    if name.is_empty() {
-        "machine".into()
-    } else {
-        name
-    }
+    })
 }
 
 /// The `ucd` to copy for a host of architecture `arch`: `--binary`, else `ucd` next to this

@@ -412,27 +412,7 @@ impl Cluster {
     }
 
     fn firewall_underlay(&self, ns: &str) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft (install the nftables package)")?;
-        child
-            .stdin
-            .take()
-            .context("nft's stdin")?
-            .write_all(UNDERLAY_FIREWALL.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "nft in {ns} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        crate::process::nft(ns, UNDERLAY_FIREWALL)
     }
 
     /// Machine `i`'s mesh address (10.210.X.1), as its agent reports it.

@@ -116,3 +116,28 @@ impl Bins {
         Ok(bins)
     }
 }
+
+/// Loads nftables `ruleset` into network namespace `ns` (`nft -f -`).
+pub fn nft(ns: &str, ruleset: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (install the nftables package)")?;
+    child
+        .stdin
+        .take()
+        .context("nft's stdin")?
+        .write_all(ruleset.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

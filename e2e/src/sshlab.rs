@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::process::{Bins, run_ok, run_with_timeout};
+use crate::process::{Bins, nft, run_ok, run_with_timeout};
 use crate::{Cluster, ClusterBuilder, Fatal, UNDERLAY_FIREWALL, eventually, netns};
 
 /// How long [`SshLab::uc`] and [`SshLab::laptop_run`] commands may take.
@@ -459,31 +459,6 @@ fn host_firewall() -> String {
         "UNDERLAY_FIREWALL changed shape"
     );
     UNDERLAY_FIREWALL.replace(open, &format!("{open}    tcp dport 22 accept\n"))
-}
-
-/// Loads `ruleset` into namespace `ns` (`nft -f -`).
-fn nft(ns: &str, ruleset: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft (install the nftables package)")?;
-    child
-        .stdin
-        .take()
-        .context("nft's stdin")?
-        .write_all(ruleset.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft in {ns} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// A new ed25519 key pair without passphrase at `path` and `path.pub`.

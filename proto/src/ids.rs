@@ -101,3 +101,34 @@ mod tests {
         assert!(err.contains("service") && err.contains("nope"), "{err}");
     }
 }
+
+/// A machine name from a host name: lower case, anything but letters and digits made `-`,
+/// no `-` at either end; `machine` when nothing is left. (Names longer than 63 characters are
+/// cut.)
+pub fn machine_name_from_host(host: &str) -> String {
+    let name: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "machine".into()
+    } else {
+        name.to_string()
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    #[test]
+    fn host_names_become_machine_names() {
+        use super::machine_name_from_host as n;
+        assert_eq!(n("Pi.Local\n"), "pi-local");
+        assert_eq!(n("--"), "machine");
+        assert_eq!(n(""), "machine");
+        assert_eq!(n(&"a".repeat(80)).len(), 63);
+    }
+}

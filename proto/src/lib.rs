@@ -6,7 +6,7 @@ pub mod client;
 mod ids;
 mod subnet;
 
-pub use ids::{ContainerId, IdError, MachineId, ServiceId};
+pub use ids::{ContainerId, IdError, MachineId, ServiceId, machine_name_from_host};
 pub use subnet::{Subnet, SubnetError};
 
 /// Generated gRPC code for `proto/uc.proto`.
