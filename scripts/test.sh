@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 # nftables: the e2e machines firewall their underlay; iputils-ping: the mesh is pinged;
 # openssh-server, openssh-client: the e2e SSH lab (hosts run sshd, the laptop ssh);
 # systemd: systemd-analyze checks the unit that `uc machine init|add` installs;
-# python3: the SSH tests hold ports on a host with it.
-source scripts/deps.sh nftables iputils-ping openssh-server openssh-client systemd python3
+# python3: the SSH tests hold ports on a host with it; dnsutils: dig asks the DNS server.
+source scripts/deps.sh nftables iputils-ping openssh-server openssh-client systemd python3 dnsutils
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
