@@ -278,6 +278,48 @@ impl Api for ApiService {
         Ok(Response::new(TagMachineResponse {}))
     }
 
+    async fn dns_lookup(
+        &self,
+        request: Request<DnsLookupRequest>,
+    ) -> Result<Response<DnsLookupResponse>, Status> {
+        let r = request.into_inner();
+        let server =
+            if r.machine.is_empty() {
+                *self.node.dns.get().ok_or_else(|| {
+                    Status::unavailable("this machine's DNS server is not running")
+                })?
+            } else {
+                self.ready().await?;
+                let m = self.active_machine(&r.machine)?;
+                let v4 = self
+                    .node
+                    .read(|doc| {
+                        uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network())
+                            .machine_v4(m.subnet)
+                    })
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!("{} has no mesh address", m.name))
+                    })?;
+                std::net::SocketAddr::new(v4.into(), self.node.config.dns_port)
+            };
+        let rtype = if r.record_type.is_empty() {
+            "A".to_string()
+        } else {
+            r.record_type.to_ascii_uppercase()
+        };
+        let t0 = std::time::Instant::now();
+        let answer = crate::dns::query(server, &r.name, &rtype)
+            .await
+            .map_err(|e| Status::unavailable(format!("asking {server}: {e:#}")))?;
+        Ok(Response::new(DnsLookupResponse {
+            response_code: answer.0,
+            answers: answer.1,
+            authorities: answer.2,
+            server: server.to_string(),
+            milliseconds: t0.elapsed().as_secs_f64() * 1000.0,
+        }))
+    }
+
     async fn rename_machine(
         &self,
         request: Request<RenameMachineRequest>,

@@ -54,6 +54,13 @@ pub struct Args {
     /// Worker threads of the userspace WireGuard.
     #[arg(long, env = "UCD_WG_THREADS")]
     pub wg_threads: Option<usize>,
+    /// Port of the DNS server on the machine's mesh address (UDP and TCP).
+    #[arg(long, env = "UCD_DNS_PORT")]
+    pub dns_port: Option<u16>,
+    /// Upstream resolvers for names outside `internal`, IP or IP:PORT (repeatable; default:
+    /// the nameservers of /etc/resolv.conf).
+    #[arg(long = "dns-upstream")]
+    pub dns_upstreams: Vec<String>,
     /// Gossip round interval in milliseconds.
     #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
@@ -109,6 +116,8 @@ struct FileConfig {
     wg_port: Option<u16>,
     wg_interface: Option<String>,
     wg_threads: Option<usize>,
+    dns_port: Option<u16>,
+    dns_upstreams: Option<Vec<String>>,
     gossip_interval_ms: Option<u64>,
     endpoints: Option<Vec<String>>,
     tags: Option<Vec<String>>,
@@ -141,6 +150,8 @@ pub struct Config {
     pub wg_port: u16,
     pub wg_interface: String,
     pub wg_threads: usize,
+    pub dns_port: u16,
+    pub dns_upstreams: Vec<SocketAddr>,
     pub gossip_interval: Duration,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
@@ -261,6 +272,22 @@ impl Args {
                 problems.push(e);
             }
         }
+        let dns_upstreams: Vec<SocketAddr> = if self.dns_upstreams.is_empty() {
+            file.dns_upstreams.unwrap_or_default()
+        } else {
+            self.dns_upstreams
+        }
+        .iter()
+        .filter_map(|u| match uc_mesh::plan::parse_endpoint(u, 53) {
+            Some(a) => Some(a),
+            None => {
+                problems.push(format!(
+                    "invalid --dns-upstream {u:?}: expected IP or IP:PORT"
+                ));
+                None
+            }
+        })
+        .collect();
         let gossip_interval = Duration::from_millis(
             self.gossip_interval_ms
                 .or(file.gossip_interval_ms)
@@ -296,6 +323,8 @@ impl Args {
             wg_port,
             wg_interface,
             wg_threads,
+            dns_port: self.dns_port.or(file.dns_port).unwrap_or(53),
+            dns_upstreams,
             gossip_interval,
             endpoints,
             tags,

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dns;
 pub mod membership;
 pub mod mesh;
 pub mod node;
@@ -278,6 +279,32 @@ async fn serve(
             }
         };
     replicator::spawn(node.clone(), &tracker, shutdown.clone());
+    // DNS on the machine's mesh address.
+    let v4 = node.read(|doc| {
+        let addressing = uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network());
+        doc.machine(id)
+            .and_then(|m| addressing.machine_v4(m.subnet))
+    });
+    if let Some(v4) = v4 {
+        match dns::start(
+            node.clone(),
+            v4,
+            config.dns_port,
+            &config.dns_upstreams,
+            &tracker,
+            shutdown.clone(),
+        )
+        .await
+        {
+            Ok(addr) => {
+                let _ = node.dns.set(addr);
+            }
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e);
+            }
+        }
+    }
 
     let join_service = JoinServer::new(peer::JoinService { node: node.clone() })
         .max_encoding_message_size(uc_proto::MAX_PEER_MESSAGE_BYTES);

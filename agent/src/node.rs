@@ -99,6 +99,8 @@ pub struct Node {
     /// Set when this machine learns it was removed from the cluster: the agent stops and sets
     /// its state aside, so the machine can be added again (to this or another cluster).
     pub removed: std::sync::atomic::AtomicBool,
+    /// Where this machine's DNS server listens, once it does.
+    pub dns: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 pub fn now_ms() -> u64 {
@@ -133,6 +135,7 @@ impl Node {
             metrics: Metrics::default(),
             mesh: std::sync::OnceLock::new(),
             removed: std::sync::atomic::AtomicBool::new(false),
+            dns: std::sync::OnceLock::new(),
         }
     }
 

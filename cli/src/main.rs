@@ -51,6 +51,9 @@ enum Command {
     /// The WireGuard mesh.
     #[command(subcommand)]
     Wg(WgCmd),
+    /// The cluster's internal DNS.
+    #[command(subcommand)]
+    Dns(DnsCmd),
     /// The replicated cluster state, for debugging.
     #[command(subcommand)]
     State(StateCmd),
@@ -172,6 +175,21 @@ enum WgCmd {
     /// A machine's WireGuard interface: peers, endpoint in use, last handshake, bytes each way.
     Show {
         /// The machine to ask (default: the one this command reaches).
+        #[arg(short, long)]
+        machine: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DnsCmd {
+    /// Ask a machine's DNS server, as its workloads do: `web.internal`, `nearest.web.internal`,
+    /// `pi.machine.internal`, `_http._tcp.web.internal` (SRV), or any outside name (forwarded).
+    Lookup {
+        name: String,
+        /// Record type.
+        #[arg(short = 't', long = "type", default_value = "A")]
+        record_type: String,
+        /// The machine whose DNS server to ask (default: the one this command reaches).
         #[arg(short, long)]
         machine: Option<String>,
     },
@@ -337,6 +355,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(client::status_error)?
                 .into_inner();
             output::wg(&r, json)
+        }
+        Command::Dns(DnsCmd::Lookup {
+            name,
+            record_type,
+            machine,
+        }) => {
+            let r = api
+                .dns_lookup(uc_proto::v1::DnsLookupRequest {
+                    name,
+                    record_type,
+                    machine: machine.unwrap_or_default(),
+                })
+                .await
+                .map_err(client::status_error)?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "server": r.server,
+                        "response_code": r.response_code,
+                        "answers": r.answers,
+                        "authorities": r.authorities,
+                        "milliseconds": r.milliseconds,
+                    })
+                );
+            } else {
+                println!(
+                    ";; {} from {} in {:.1} ms",
+                    r.response_code, r.server, r.milliseconds
+                );
+                for a in &r.answers {
+                    println!("{a}");
+                }
+                for a in &r.authorities {
+                    println!(";; authority: {a}");
+                }
+            }
+            Ok(())
         }
         Command::State(StateCmd::Dump) => {
             let r = api

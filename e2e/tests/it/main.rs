@@ -4,6 +4,7 @@
 //! `cargo nextest run -p uc-e2e` (see `.config/nextest.toml`: these tests run one at a time).
 
 mod agents;
+mod dns;
 mod harness;
 mod machine_ssh;
 mod mesh;

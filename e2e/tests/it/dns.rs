@@ -1,0 +1,120 @@
+//! The internal DNS on namespace machines: every agent answers the cluster's names from its own
+//! replica, on its mesh address, to `dig` run on the machine as a workload would, and to
+//! `uc dns lookup`, also across the mesh and during a partition.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use serde_json::Value;
+use uc_e2e::{Cluster, ClusterBuilder, eventually};
+
+use crate::{SETTLE, uc_ok, with_cluster};
+
+/// `uc -o json dns lookup NAME` on machine `i` (asking machine `via`'s server when given).
+fn lookup(c: &Cluster, i: usize, name: &str, via: Option<&str>) -> anyhow::Result<Value> {
+    let mut args = vec!["-o", "json", "dns", "lookup", name];
+    if let Some(m) = via {
+        args.extend(["--machine", m]);
+    }
+    Ok(serde_json::from_str(&uc_ok(c, i, &args)?)?)
+}
+
+fn rcode(v: &Value) -> String {
+    v["response_code"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn every_machine_answers_the_clusters_names() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(3), |c| {
+        let ips: Vec<String> = (0..3)
+            .map(|i| c.mesh_ip(i).map(|ip| ip.to_string()))
+            .collect::<Result<_, _>>()?;
+        for i in 0..3 {
+            for (j, ip) in ips.iter().enumerate() {
+                let name = format!("m{j}.machine.internal");
+                let v = lookup(c, i, &name, None)?;
+                let answers = v["answers"].as_array().context("no answers")?;
+                ensure!(
+                    answers.len() == 1 && answers[0].as_str().unwrap_or("").ends_with(ip.as_str()),
+                    "m{i} answers {name} with {v}"
+                );
+            }
+            // As a workload on the machine asks: dig at the machine's mesh address.
+            let out = c.exec_in(
+                i,
+                &[
+                    "dig",
+                    &format!("@{}", ips[i]),
+                    "+short",
+                    "+time=2",
+                    "m1.machine.internal",
+                ],
+            )?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(text.trim() == ips[1], "dig on m{i}: {text:?}");
+        }
+        // Another machine's server, over the mesh.
+        let v = lookup(c, 0, "m0.machine.internal", Some("m2"))?;
+        ensure!(
+            v["server"].as_str().unwrap_or("").starts_with(&ips[2]),
+            "{v}"
+        );
+        ensure!(rcode(&v) == "No Error", "{v}");
+        let nx = lookup(c, 0, "nothing.internal", None)?;
+        ensure!(
+            rcode(&nx) == "Non-Existent Domain"
+                && nx["authorities"][0].as_str().unwrap_or("").contains("SOA"),
+            "{nx}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn names_follow_the_state_and_each_side_of_a_partition_answers_from_its_own() -> anyhow::Result<()>
+{
+    with_cluster(ClusterBuilder::new(3), |c| {
+        uc_ok(c, 0, &["state", "put-service", "web"])?;
+        // A service with no containers yet: the name exists, with no addresses.
+        for i in 0..3 {
+            eventually(SETTLE, "web.internal exists everywhere", || {
+                let v = lookup(c, i, "web.internal", None)?;
+                ensure!(rcode(&v) == "No Error", "m{i}: {v}");
+                Ok(())
+            })?;
+        }
+        uc_ok(c, 1, &["state", "rm-service", "web"])?;
+        for i in 0..3 {
+            eventually(
+                Duration::from_secs(2),
+                "web.internal gone everywhere within 2 s",
+                || {
+                    let v = lookup(c, i, "web.internal", None)?;
+                    ensure!(rcode(&v) == "Non-Existent Domain", "m{i}: {v}");
+                    Ok(())
+                },
+            )?;
+        }
+        // Partition {0} | {1, 2}: a service made on one side is answered there only.
+        c.partition(&[0])?;
+        uc_ok(c, 0, &["state", "put-service", "solo"])?;
+        ensure!(rcode(&lookup(c, 0, "solo.internal", None)?) == "No Error");
+        std::thread::sleep(Duration::from_secs(1));
+        for i in [1, 2] {
+            let v = lookup(c, i, "solo.internal", None)?;
+            ensure!(
+                rcode(&v) == "Non-Existent Domain",
+                "m{i} during the partition: {v}"
+            );
+        }
+        c.heal()?;
+        for i in 0..3 {
+            eventually(SETTLE, "solo.internal everywhere after the heal", || {
+                let v = lookup(c, i, "solo.internal", None)?;
+                ensure!(rcode(&v) == "No Error", "m{i}: {v}");
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
+}
