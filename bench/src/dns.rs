@@ -1,0 +1,368 @@
+//! DNS benchmark: dnsperf against uc's DNS server (the same `uc_dns::Handler` the agent runs)
+//! serving 1,000 service names, side by side in one run with dnsmasq and unbound serving the
+//! same names from local data. Each server is pinned to core 0, dnsperf to core 1; everything on
+//! loopback. Two query sets: the 1,000 internal names, and 1,000 names each server forwards to
+//! an upstream (a dnsmasq on another port, on core 1 with dnsperf). Prints a Markdown section
+//! and, with `--out`, writes it into docs/benchmarks.md between the `dns` markers.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use uc_bench::percentile;
+
+const SERVER_PORT: u16 = 15354;
+const UPSTREAM_PORT: u16 = 15353;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds of each dnsperf run.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Names served (and forwarded).
+    #[arg(long, default_value_t = 1000)]
+    names: usize,
+    /// Queries dnsperf keeps outstanding.
+    #[arg(long, default_value_t = 100)]
+    outstanding: usize,
+    /// Internal: run uc's DNS server on 127.0.0.1:SERVER_PORT until killed.
+    #[arg(long, hide = true)]
+    serve_uc: bool,
+    /// Markdown file to update (between `<!-- dns:begin -->` and `<!-- dns:end -->`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn svc_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 210, 1 + (i / 250) as u8, 2 + (i % 250) as u8)
+}
+
+fn serve_uc(names: usize) -> anyhow::Result<()> {
+    let mut view = uc_dns::DnsView {
+        this_machine: "bench".into(),
+        serial: 1,
+        ..Default::default()
+    };
+    for i in 0..names {
+        view.services.insert(
+            format!("svc{i}"),
+            uc_dns::ServiceRec {
+                containers: vec![uc_dns::ContainerRec {
+                    name: format!("c{i:015}"),
+                    machine: "bench".into(),
+                    v4: svc_ip(i),
+                    v6: None,
+                    healthy: true,
+                }],
+                ports: vec![],
+            },
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
+        let udp = tokio::net::UdpSocket::bind(addr).await?;
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(view));
+        let handler = uc_dns::Handler::new(
+            rx,
+            uc_dns::ForwardConfig {
+                upstreams: vec![SocketAddr::from(([127, 0, 0, 1], UPSTREAM_PORT))],
+                ..Default::default()
+            },
+            &[addr],
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        uc_dns::serve(handler, vec![udp], vec![tcp], stop).await?;
+        anyhow::Ok(())
+    })
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_pinned(core: &str, argv: &[&str]) -> anyhow::Result<Killed> {
+    Ok(Killed(
+        Command::new("taskset")
+            .args(["-c", core])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {argv:?}"))?,
+    ))
+}
+
+/// Waits until something on `port` answers `name`.
+fn wait_answers(port: u16, name: &str) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let out = Command::new("dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "+short",
+                "+time=1",
+                "+tries=1",
+                name,
+            ])
+            .output()?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing answers {name} on port {port}")
+}
+
+struct Figures {
+    qps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    lost_pct: f64,
+}
+
+fn dnsperf(queries: &Path, secs: u64, outstanding: usize) -> anyhow::Result<Figures> {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "1",
+            "dnsperf",
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &SERVER_PORT.to_string(),
+        ])
+        .arg("-d")
+        .arg(queries)
+        .args([
+            "-l",
+            &secs.to_string(),
+            "-q",
+            &outstanding.to_string(),
+            "-v",
+        ])
+        .output()
+        .context("running dnsperf (package dnsperf)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat = Vec::new();
+    let (mut qps, mut sent, mut lost) = (0.0, 0.0, 0.0);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("> ") {
+            if let Some(s) = rest
+                .split_whitespace()
+                .last()
+                .and_then(|s| s.parse::<f64>().ok())
+            {
+                lat.push(s * 1000.0);
+            }
+        } else if let Some(v) = line.trim().strip_prefix("Queries per second:") {
+            qps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = line.trim().strip_prefix("Queries sent:") {
+            sent = v
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
+        } else if let Some(v) = line.trim().strip_prefix("Queries lost:") {
+            lost = v
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    if lat.is_empty() {
+        bail!(
+            "dnsperf reported nothing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Figures {
+        qps,
+        p50_ms: percentile(&lat, 50.0),
+        p99_ms: percentile(&lat, 99.0),
+        lost_pct: if sent > 0.0 { 100.0 * lost / sent } else { 0.0 },
+    })
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.serve_uc {
+        return serve_uc(args.names);
+    }
+    let dir = std::env::temp_dir().join(format!("uc-bench-dns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = scopeguard(dir.clone());
+    // The names, as each server's local data, and the query files.
+    let (mut hosts, mut fwd_hosts, mut internal_q, mut forward_q) =
+        (String::new(), String::new(), String::new(), String::new());
+    let mut unbound_data = String::new();
+    for i in 0..args.names {
+        let ip = svc_ip(i);
+        writeln!(hosts, "{ip} svc{i}.internal")?;
+        writeln!(
+            unbound_data,
+            "  local-data: \"svc{i}.internal. 5 IN A {ip}\""
+        )?;
+        writeln!(fwd_hosts, "192.0.2.{} fwd{i}.example.test", 1 + i % 250)?;
+        writeln!(internal_q, "svc{i}.internal A")?;
+        writeln!(forward_q, "fwd{i}.example.test A")?;
+    }
+    for (f, t) in [
+        ("hosts", &hosts),
+        ("fwd-hosts", &fwd_hosts),
+        ("internal.q", &internal_q),
+        ("forward.q", &forward_q),
+    ] {
+        std::fs::write(dir.join(f), t)?;
+    }
+    let unbound_conf = format!(
+        "server:\n  interface: 127.0.0.1\n  port: {SERVER_PORT}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  directory: \"{d}\"\n  pidfile: \"\"\n  use-syslog: no\n  logfile: \"\"\n  num-threads: 1\n  do-not-query-localhost: no\n  domain-insecure: \"example.test\"\n  local-zone: \"internal.\" static\n{unbound_data}forward-zone:\n  name: \"example.test.\"\n  forward-addr: 127.0.0.1@{UPSTREAM_PORT}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("unbound.conf"), unbound_conf)?;
+    let d = |f: &str| dir.join(f).display().to_string();
+
+    // The upstream every server forwards example.test to.
+    let _upstream = spawn_pinned(
+        "1",
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            &format!("--port={UPSTREAM_PORT}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            &format!("--addn-hosts={}", d("fwd-hosts")),
+        ],
+    )?;
+    wait_answers(UPSTREAM_PORT, "fwd1.example.test")?;
+
+    let me = std::env::current_exe()?.display().to_string();
+    let names = args.names.to_string();
+    let servers: Vec<(&str, Vec<String>)> = vec![
+        (
+            "uc (uc-dns)",
+            vec![
+                me.clone(),
+                "--serve-uc".into(),
+                "--names".into(),
+                names.clone(),
+            ],
+        ),
+        (
+            "dnsmasq",
+            vec![
+                "dnsmasq".into(),
+                "--no-daemon".into(),
+                format!("--port={SERVER_PORT}"),
+                "--listen-address=127.0.0.1".into(),
+                "--bind-interfaces".into(),
+                "--no-resolv".into(),
+                "--no-hosts".into(),
+                format!("--addn-hosts={}", d("hosts")),
+                format!("--server=/example.test/127.0.0.1#{UPSTREAM_PORT}"),
+                "--cache-size=10000".into(),
+            ],
+        ),
+        (
+            "unbound",
+            vec![
+                "unbound".into(),
+                "-d".into(),
+                "-c".into(),
+                d("unbound.conf"),
+            ],
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (label, argv) in &servers {
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let server = spawn_pinned("0", &argv)?;
+        wait_answers(SERVER_PORT, "svc1.internal")?;
+        let internal = dnsperf(&dir.join("internal.q"), args.secs, args.outstanding)?;
+        let forward = dnsperf(&dir.join("forward.q"), args.secs, args.outstanding)?;
+        let rss = rss_mb(server.0.id());
+        eprintln!(
+            "{label}: internal {:.0} QPS p99 {:.2} ms; forwarded {:.0} QPS p99 {:.2} ms; {rss:.0} MB",
+            internal.qps, internal.p99_ms, forward.qps, forward.p99_ms
+        );
+        rows.push((label.to_string(), internal, forward, rss));
+        drop(server);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let mut md = String::from("<!-- dns:begin -->\n## DNS: 1,000 names, dnsperf (issue 6)\n\n");
+    writeln!(
+        md,
+        "_{} · `bench/dns.sh` · each server pinned to core 0, dnsperf (and the upstream for forwarded names, a dnsmasq) to core 1, loopback · {} s per run, {} queries outstanding · uc is the same `uc_dns::Handler` the agent serves, on one worker thread_\n",
+        uc_bench::date_utc(),
+        args.secs,
+        args.outstanding
+    )?;
+    md.push_str("| server | internal names QPS | p50 | p99 | lost | forwarded names QPS | p50 | p99 | lost | RSS |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for (label, i, f, rss) in &rows {
+        writeln!(
+            md,
+            "| {label} | {:.0} | {:.2} ms | {:.2} ms | {:.1}% | {:.0} | {:.2} ms | {:.2} ms | {:.1}% | {rss:.0} MB |",
+            i.qps, i.p50_ms, i.p99_ms, i.lost_pct, f.qps, f.p50_ms, f.p99_ms, f.lost_pct
+        )?;
+    }
+    let (uc, unbound) = (&rows[0], &rows[2]);
+    writeln!(
+        md,
+        "\nuc / unbound, internal names: {:.2}x the QPS, p99 {:.2}x. Target: at least unbound's QPS with p99 no higher: {}. Forwarded names: uc does not cache (every query goes upstream), dnsmasq and unbound answer from their caches after the first round.",
+        uc.1.qps / unbound.1.qps,
+        uc.1.p99_ms / unbound.1.p99_ms,
+        if uc.1.qps >= unbound.1.qps && uc.1.p99_ms <= unbound.1.p99_ms {
+            "met"
+        } else {
+            "NOT met"
+        }
+    )?;
+    md.push_str("<!-- dns:end -->");
+    print!("{md}");
+    if let Some(out) = &args.out {
+        uc_bench::splice(out, "dns", &md).with_context(|| format!("updating {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes `dir` when dropped.
+fn scopeguard(dir: PathBuf) -> impl Drop {
+    struct G(PathBuf);
+    impl Drop for G {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    G(dir)
+}
