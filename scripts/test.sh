@@ -17,3 +17,13 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 # The e2e tests run the real binaries: build them first.
 cargo build --locked --workspace --bins
 cargo nextest run --locked --workspace --no-fail-fast "$@"
+# The DNS request path under libFuzzer for a bounded time (cargo fuzz needs a nightly toolchain).
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+  fi
+  (cd dns && cargo +nightly fuzz run request --target-dir "${CARGO_TARGET_DIR:-../target}/fuzz" -- \
+    -max_total_time="${UC_FUZZ_SECS:-60}" -rss_limit_mb=2048)
+else
+  echo "warning: no nightly Rust toolchain: the DNS fuzz target did not run" >&2
+fi
