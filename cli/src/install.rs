@@ -380,7 +380,7 @@ pub fn rollback_script(u: &Undo) -> String {
         "if [ -f {SUPERVISOR_PID} ]; then kill $(cat {SUPERVISOR_PID}) 2>/dev/null; \
          for i in $(seq 50); do [ -f {SUPERVISOR_PID} ] || break; sleep 0.1; done; rm -f {SUPERVISOR_PID}; fi"
     );
-    let _ = writeln!(s, "rm -f {BOOTSTRAP}");
+    let _ = writeln!(s, "rm -f {BOOTSTRAP} {BIN}.uc-new");
     for f in OVERWRITTEN {
         if u.existed.iter().any(|e| e == f) {
             let _ = writeln!(s, "mv -f {f}.uc-prev {f}");

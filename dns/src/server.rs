@@ -189,7 +189,11 @@ impl RequestHandler for Handler {
         };
         self.stats.answered.fetch_add(1, Ordering::Relaxed);
         meta.authoritative = true;
-        let soa_rec: Vec<Record> = vec![soa(&view)];
+        // The SOA only goes with negative answers.
+        let soa_rec: Vec<Record> = match &result {
+            Answer::Records(_) => Vec::new(),
+            _ => vec![soa(&view)],
+        };
         let empty: Vec<Record> = Vec::new();
         let resp = match &result {
             Answer::Records(records) => builder.build(
