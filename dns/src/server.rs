@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{Name, Record};
+use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{Name, Record, RecordType};
+use hickory_resolver::net::{DnsError, NetError};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -51,6 +52,9 @@ pub struct DnsStats {
 pub struct Handler {
     view: watch::Receiver<Arc<DnsView>>,
     forward: ForwardConfig,
+    /// hickory's resolver on the upstreams: retries, TCP on truncation, and a cache that
+    /// follows the records' TTLs.
+    resolver: Option<hickory_resolver::TokioResolver>,
     in_flight: Arc<Semaphore>,
     rotate: AtomicUsize,
     pub stats: Arc<DnsStats>,
@@ -68,9 +72,15 @@ impl Handler {
             !own.iter()
                 .any(|o| o == u || (o.port() == u.port() && o.ip().is_unspecified()))
         });
+        let resolver = if forward.upstreams.is_empty() {
+            None
+        } else {
+            resolver(&forward)
+        };
         Handler {
             view,
             in_flight: Arc::new(Semaphore::new(forward.max_in_flight.max(1))),
+            resolver,
             forward,
             rotate: AtomicUsize::new(0),
             stats: Arc::new(DnsStats::default()),
@@ -81,8 +91,13 @@ impl Handler {
         &self.forward.upstreams
     }
 
-    /// Asks the upstreams, in order, with the request's own bytes; the first answer wins.
-    async fn forward(&self, request: &Request) -> Option<Message> {
+    /// Asks the upstreams (through the resolver's cache): the response code, answers and
+    /// authorities, or None when no upstream answered.
+    async fn forward(&self, name: &Name, qtype: RecordType) -> Option<Forwarded> {
+        let Some(resolver) = self.resolver.as_ref() else {
+            self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
         let _permit = match self.in_flight.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -90,35 +105,68 @@ impl Handler {
                 return None;
             }
         };
-        for up in &self.forward.upstreams {
-            let bind: SocketAddr = if up.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                .parse()
-                .ok()?;
-            let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
-                continue;
-            };
-            if sock.connect(up).await.is_err() || sock.send(request.as_slice()).await.is_err() {
-                continue;
+        let out = match resolver.lookup(name.clone(), qtype).await {
+            Ok(l) => Forwarded {
+                code: ResponseCode::NoError,
+                answers: l.answers().to_vec(),
+                authorities: Vec::new(),
+            },
+            Err(NetError::Dns(DnsError::NoRecordsFound(nr))) => Forwarded {
+                code: nr.response_code,
+                answers: Vec::new(),
+                authorities: match (nr.authorities, nr.soa) {
+                    (Some(a), _) if !a.is_empty() => a.to_vec(),
+                    (_, Some(soa)) => vec![soa.into_record_of_rdata()],
+                    _ => Vec::new(),
+                },
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, %name, "upstream resolvers did not answer");
+                self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
-            let mut buf = vec![0u8; 65535];
-            let got = tokio::time::timeout(self.forward.timeout, async {
-                loop {
-                    let n = sock.recv(&mut buf).await.ok()?;
-                    match Message::from_vec(&buf[..n]) {
-                        Ok(m) if m.metadata.id == request.metadata.id => return Some(m),
-                        _ => continue,
-                    }
-                }
-            })
-            .await;
-            if let Ok(Some(m)) = got {
-                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                return Some(m);
+        };
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        Some(out)
+    }
+}
+
+/// What the upstreams said.
+struct Forwarded {
+    code: ResponseCode,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+}
+
+fn resolver(f: &ForwardConfig) -> Option<hickory_resolver::TokioResolver> {
+    use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+    let servers = f
+        .upstreams
+        .iter()
+        .map(|u| {
+            let mut ns = NameServerConfig::udp_and_tcp(u.ip());
+            for c in &mut ns.connections {
+                c.port = u.port();
             }
-            tracing::debug!(upstream = %up, "upstream resolver did not answer");
+            ns
+        })
+        .collect();
+    let mut b = hickory_resolver::Resolver::builder_with_config(
+        ResolverConfig::from_parts(None, vec![], servers),
+        hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+    );
+    let o = b.options_mut();
+    o.timeout = f.timeout;
+    o.attempts = 1;
+    o.ndots = 0;
+    o.cache_size = 4096;
+    o.use_hosts_file = ResolveHosts::Never;
+    match b.build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the upstream resolver; names outside internal fail");
+            None
         }
-        self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
-        None
     }
 }
 
@@ -158,18 +206,17 @@ impl RequestHandler for Handler {
         let result = match answer(&view, &name, query.query_type(), rotate) {
             Answer::Forward => {
                 meta.recursion_available = true;
-                match self.forward(request).await {
+                match self.forward(&name, query.query_type()).await {
                     Some(m) => {
-                        meta.response_code = m.metadata.response_code;
+                        meta.response_code = m.code;
                         meta.authoritative = false;
+                        let none: [Record; 0] = [];
                         let resp = builder.build(
                             meta,
                             m.answers.iter(),
                             m.authorities.iter(),
-                            [],
-                            m.additionals
-                                .iter()
-                                .filter(|r| r.record_type() != hickory_proto::rr::RecordType::OPT),
+                            none.iter(),
+                            none.iter(),
                         );
                         return response_handle
                             .send_response(resp)
