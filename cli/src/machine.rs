@@ -45,6 +45,10 @@ struct Host {
     facts: HostFacts,
     undo: Undo,
     sudo: bool,
+    /// Where this install's part of the agent's log begins: the byte offset in the supervised
+    /// log, or the host's clock (Unix seconds) for the journal. Earlier lines are an earlier
+    /// install's and say nothing of this one.
+    log_from: u64,
 }
 
 impl Host {
@@ -71,9 +75,16 @@ impl Host {
     /// The error the agent last exited with, if it did (`ucd` prints `error: ...` then).
     async fn agent_error(&self) -> Option<String> {
         let script = if self.facts.systemd {
-            "journalctl -u ucd -o cat -n 40 --no-pager 2>/dev/null".to_string()
+            format!(
+                "journalctl -u ucd -o cat --since @{} --no-pager 2>/dev/null | tail -n 40",
+                self.log_from
+            )
         } else {
-            format!("tail -n 40 {} 2>/dev/null", install::LOG)
+            format!(
+                "tail -c +{} {} 2>/dev/null | tail -n 40",
+                self.log_from + 1,
+                install::LOG
+            )
         };
         let out = self
             .ssh
@@ -264,6 +275,7 @@ async fn install_agent(
         if facts.root() { "root" } else { "sudo" }
     ));
     let mut host = Host {
+        log_from: 0,
         sudo: !facts.root(),
         undo: Undo {
             systemd: facts.systemd,
@@ -365,6 +377,15 @@ async fn install_steps(
         &install::bootstrap_env(boot),
         "600",
     ));
+    // Where this install's log lines begin.
+    script.push_str(&if host.facts.systemd {
+        "echo \"log_from=$(date +%s)\"\n".to_string()
+    } else {
+        format!(
+            "echo \"log_from=$(stat -c %s {log} 2>/dev/null || echo 0)\"\n",
+            log = install::LOG
+        )
+    });
     if host.facts.systemd {
         script.push_str(&write_file(install::UNIT, &install::systemd_unit(), "644"));
         script.push_str("systemctl daemon-reload\nsystemctl enable --now ucd\n");
@@ -379,7 +400,12 @@ async fn install_steps(
             install::SUPERVISOR
         ));
     }
-    host.sh("installing the agent", &script, None).await?;
+    let out = host.sh("installing the agent", &script, None).await?;
+    host.log_from = out
+        .lines()
+        .find_map(|l| l.strip_prefix("log_from="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     steps.ok(if host.facts.systemd {
         "systemd unit ucd.service"
     } else {
@@ -657,8 +683,8 @@ pub async fn add(
     Ok(())
 }
 
-/// Waits until the new machine sees every active machine live and the cluster side sees it
-/// live: gossip runs on the mesh, so liveness both ways means the tunnels carry traffic.
+/// Waits until the new machine sees every active machine live, the cluster side sees it live
+/// (gossip runs on the mesh), and it has a WireGuard handshake with every other machine.
 async fn wait_mesh(mut new_api: Api, cluster: &mut Api, name: &str) -> anyhow::Result<usize> {
     let t0 = Instant::now();
     loop {
@@ -688,12 +714,32 @@ async fn wait_mesh(mut new_api: Api, cluster: &mut Api, name: &str) -> anyhow::R
             .machines
             .iter()
             .any(|m| m.name == name && (m.liveness == "live" || m.is_self));
-        if not_live.is_empty() && seen {
+        // Liveness can travel through third machines in gossip: a WireGuard handshake with
+        // every other machine is the proof that each tunnel works.
+        let wg = rpc(
+            new_api
+                .wg_show(uc_proto::v1::WgShowRequest {
+                    machine: String::new(),
+                })
+                .await,
+            "asking its WireGuard interface",
+        )?;
+        let no_handshake: Vec<String> = active
+            .iter()
+            .filter(|m| !m.is_self)
+            .filter(|m| {
+                !wg.peers
+                    .iter()
+                    .any(|p| p.machine_id == m.id && p.last_handshake_age_secs >= 0)
+            })
+            .map(|m| m.name.clone())
+            .collect();
+        if not_live.is_empty() && seen && no_handshake.is_empty() {
             return Ok(active.len());
         }
         if t0.elapsed() > WAIT_TIMEOUT {
             bail!(
-                "{name} is not reachable over the mesh after {WAIT_TIMEOUT:?}: {}{}",
+                "{name} is not reachable over the mesh after {WAIT_TIMEOUT:?}: {}{}{}",
                 if not_live.is_empty() {
                     String::new()
                 } else {
@@ -703,6 +749,11 @@ async fn wait_mesh(mut new_api: Api, cluster: &mut Api, name: &str) -> anyhow::R
                     String::new()
                 } else {
                     "; the cluster does not see it live".into()
+                },
+                if no_handshake.is_empty() {
+                    String::new()
+                } else {
+                    format!("; no WireGuard handshake with {}", no_handshake.join(", "))
                 }
             );
         }
