@@ -30,10 +30,21 @@ fn candidates(flag: Option<&Path>, ssh: Option<&SshTarget>) -> anyhow::Result<(V
         return Ok((vec![Conn::Unix(p.to_path_buf())], "--socket".into()));
     }
     if let Some(t) = ssh {
+        // The key the current context uses for that machine (given to `uc machine init|add`
+        // with -i), if any; else ssh's own choice.
+        let key = context::current()
+            .ok()
+            .flatten()
+            .into_iter()
+            .flat_map(|(_, conns)| conns)
+            .find_map(|c| match c {
+                Conn::Ssh { target, key } if &target == t => key,
+                _ => None,
+            });
         return Ok((
             vec![Conn::Ssh {
                 target: t.clone(),
-                key: None,
+                key,
             }],
             "--ssh".into(),
         ));
