@@ -291,15 +291,14 @@ impl Api for ApiService {
             } else {
                 self.ready().await?;
                 let m = self.active_machine(&r.machine)?;
-                let v4 = self
+                let mesh = self
                     .node
-                    .read(|doc| {
-                        uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network())
-                            .machine_v4(m.subnet)
-                    })
-                    .ok_or_else(|| {
-                        Status::failed_precondition(format!("{} has no mesh address", m.name))
-                    })?;
+                    .mesh
+                    .get()
+                    .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
+                let v4 = mesh.addresses_of(m.subnet).0.ok_or_else(|| {
+                    Status::failed_precondition(format!("{} has no mesh address", m.name))
+                })?;
                 std::net::SocketAddr::new(v4.into(), self.node.config.dns_port)
             };
         let rtype = if r.record_type.is_empty() {

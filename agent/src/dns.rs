@@ -147,8 +147,7 @@ pub async fn start(
         rx,
         ForwardConfig {
             upstreams: upstreams(upstream),
-            timeout: Duration::from_secs(2),
-            max_in_flight: 256,
+            ..Default::default()
         },
         &[addr],
     );

@@ -280,11 +280,9 @@ async fn serve(
         };
     replicator::spawn(node.clone(), &tracker, shutdown.clone());
     // DNS on the machine's mesh address.
-    let v4 = node.read(|doc| {
-        let addressing = uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network());
-        doc.machine(id)
-            .and_then(|m| addressing.machine_v4(m.subnet))
-    });
+    let v4 = node
+        .read(|doc| doc.machine(id))
+        .and_then(|m| mesh.addresses_of(m.subnet).0);
     if let Some(v4) = v4 {
         match dns::start(
             node.clone(),

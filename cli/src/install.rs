@@ -23,8 +23,7 @@ pub const LOG: &str = "/var/lib/uc/ucd.log";
 /// Files an install writes over: copied aside first (`PATH.uc-prev`) and put back on failure.
 pub const OVERWRITTEN: [&str; 3] = [CONFIG, SUPERVISOR, UNIT];
 
-/// The ports an agent takes on the underlay, and DNS, which it serves on the mesh.
-pub const JOIN_PORT: u16 = 51002;
+/// DNS, which the agent serves on the mesh (a wildcard socket on this port would take it).
 pub const DNS_PORT: u16 = 53;
 
 /// Prints what the checks need, one `key=value` per line, then the kernel's socket tables.
@@ -39,10 +38,8 @@ if [ "$(id -u)" != 0 ] && sudo -n true 2>/dev/null; then echo sudo=yes; fi
 [ -f /var/lib/uc/ucd.log ] && echo log=yes
 [ -d /etc/uc ] && echo etc_dir=yes
 [ -d /usr/local/lib/uc ] && echo lib_dir=yes
-[ -f /etc/systemd/system/ucd.service ] && echo unit=yes
 for f in /etc/uc/ucd.toml /usr/local/lib/uc/ucd-supervise /etc/systemd/system/ucd.service; do [ -f $f ] && echo "has=$f"; done
 getent group uc >/dev/null 2>&1 && echo group=yes
-[ -f /run/uc/ucd-supervise.pid ] && echo "supervisor=$(cat /run/uc/ucd-supervise.pid)"
 if [ -f /usr/local/bin/ucd ]; then echo "ucd_sha=$(sha256sum /usr/local/bin/ucd | cut -d' ' -f1)"; fi
 echo "hostname=$(cat /etc/hostname 2>/dev/null || hostname)"
 for f in udp udp6 tcp tcp6; do [ -r /proc/net/$f ] && sed "s/^/$f /" /proc/net/$f; done
@@ -72,11 +69,9 @@ pub struct HostFacts {
     pub log: bool,
     pub etc_dir: bool,
     pub lib_dir: bool,
-    pub unit: bool,
     /// Which of [`OVERWRITTEN`] exist.
     pub has: Vec<String>,
     pub group: bool,
-    pub supervisor: Option<u32>,
     pub ucd_sha: Option<String>,
     pub hostname: String,
     /// Listening TCP sockets and bound UDP sockets.
@@ -121,9 +116,7 @@ pub fn parse_probe(text: &str) -> Result<HostFacts, String> {
     f.log = get("log") == "yes";
     f.etc_dir = get("etc_dir") == "yes";
     f.lib_dir = get("lib_dir") == "yes";
-    f.unit = get("unit") == "yes";
     f.group = get("group") == "yes";
-    f.supervisor = kv.get("supervisor").and_then(|p| p.parse().ok());
     f.ucd_sha = kv.get("ucd_sha").filter(|s| s.len() == 64).cloned();
     f.hostname = get("hostname");
     Ok(f)
@@ -195,8 +188,11 @@ pub fn problems(f: &HostFacts, target: &str, needs: &Needs) -> Vec<String> {
     for b in f.bound.iter().filter(|b| !ours(b)) {
         let what = if !b.tcp && b.port == needs.wg_port {
             Some(format!("WireGuard ({}/udp)", needs.wg_port))
-        } else if b.tcp && b.port == JOIN_PORT {
-            Some(format!("the join endpoint ({JOIN_PORT}/tcp)"))
+        } else if b.tcp && b.port == uc_proto::DEFAULT_JOIN_PORT {
+            Some(format!(
+                "the join endpoint ({}/tcp)",
+                uc_proto::DEFAULT_JOIN_PORT
+            ))
         } else if b.port == DNS_PORT && b.addr.is_unspecified() {
             Some(format!(
                 "uc's DNS ({DNS_PORT}/{}, on every address)",

@@ -9,7 +9,7 @@ pub mod answer;
 pub mod server;
 
 pub use answer::{Answer, ContainerRec, DnsView, MachineRec, PortRec, ServiceRec, answer};
-pub use server::{DnsStats, ForwardConfig, Handler, serve};
+pub use server::{ForwardConfig, Handler, serve};
 
 /// What can go wrong serving DNS.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
@@ -39,15 +39,6 @@ impl Default for ForwardConfig {
     }
 }
 
-/// Counters, for `uc status` and tests.
-#[derive(Debug, Default)]
-pub struct DnsStats {
-    pub answered: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub forward_failed: AtomicU64,
-    pub refused_overload: AtomicU64,
-}
-
 /// Answers requests: the cluster's names from the view, the rest upstream.
 pub struct Handler {
     view: watch::Receiver<Arc<DnsView>>,
@@ -57,7 +48,6 @@ pub struct Handler {
     resolver: Option<hickory_resolver::TokioResolver>,
     in_flight: Arc<Semaphore>,
     rotate: AtomicUsize,
-    pub stats: Arc<DnsStats>,
 }
 
 impl Handler {
@@ -83,7 +73,6 @@ impl Handler {
             resolver,
             forward,
             rotate: AtomicUsize::new(0),
-            stats: Arc::new(DnsStats::default()),
         }
     }
 
@@ -94,17 +83,9 @@ impl Handler {
     /// Asks the upstreams (through the resolver's cache): the response code, answers and
     /// authorities, or None when no upstream answered.
     async fn forward(&self, name: &Name, qtype: RecordType) -> Option<Forwarded> {
-        let Some(resolver) = self.resolver.as_ref() else {
-            self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        let _permit = match self.in_flight.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                self.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-        };
+        let resolver = self.resolver.as_ref()?;
+        // Beyond the bound, SERVFAIL at once.
+        let _permit = self.in_flight.clone().try_acquire_owned().ok()?;
         let out = match resolver.lookup(name.clone(), qtype).await {
             Ok(l) => Forwarded {
                 code: ResponseCode::NoError,
@@ -122,11 +103,9 @@ impl Handler {
             },
             Err(e) => {
                 tracing::debug!(error = %e, %name, "upstream resolvers did not answer");
-                self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
         };
-        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         Some(out)
     }
 }
@@ -234,7 +213,6 @@ impl RequestHandler for Handler {
             }
             other => other,
         };
-        self.stats.answered.fetch_add(1, Ordering::Relaxed);
         meta.authoritative = true;
         // The SOA only goes with negative answers.
         let soa_rec: Vec<Record> = match &result {
