@@ -4,6 +4,7 @@
 #[cfg(feature = "client")]
 pub mod client;
 mod ids;
+pub mod spec;
 mod subnet;
 
 pub use ids::{ContainerId, IdError, MachineId, ServiceId, machine_name_from_host};
