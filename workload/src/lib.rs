@@ -1,0 +1,23 @@
+//! Workloads on one machine: the pure cores of placement (`place`) and
+//! reconciliation (`reconcile`), and the I/O around them: the image store,
+//! the machine's workload bridge and per-workload network namespaces, the
+//! shim that runs a workload's process, its cgroups, and the runtimes.
+
+pub mod cgroup;
+pub mod image;
+pub mod net;
+pub mod nspawn;
+pub mod place;
+pub mod reconcile;
+pub mod runtime;
+pub mod shim;
+
+/// 8 random bytes (for temporary names).
+pub(crate) fn random8() -> [u8; 8] {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system's random source works");
+    b
+}
