@@ -87,9 +87,56 @@ impl ApiService {
 type HeadsStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadsEvent, Status>> + Send>>;
 
+type LogStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLine, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Api for ApiService {
     type WatchHeadsStream = HeadsStream;
+    type LogsStream = LogStream;
+
+    async fn run_service(
+        &self,
+        request: Request<RunServiceRequest>,
+    ) -> Result<Response<RunServiceResponse>, Status> {
+        self.ready().await?;
+        crate::services::run_service(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<ListContainersRequest>,
+    ) -> Result<Response<ListContainersResponse>, Status> {
+        self.ready().await?;
+        crate::services::list_containers(&self.node, &request.into_inner().service)
+            .await
+            .map(Response::new)
+    }
+
+    async fn logs(&self, request: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
+        self.ready().await?;
+        let rx = crate::services::logs(&self.node, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn import_image(
+        &self,
+        request: Request<tonic::Streaming<ImportImageChunk>>,
+    ) -> Result<Response<ImageInfo>, Status> {
+        crate::services::import_image(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_images(
+        &self,
+        _: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        crate::services::list_images(&self.node).map(Response::new)
+    }
 
     async fn watch_heads(
         &self,

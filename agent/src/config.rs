@@ -101,6 +101,21 @@ pub enum Subcommand {
         #[arg(long, default_value = "/var/lib/uc/api.sock")]
         socket: PathBuf,
     },
+    /// Run one workload's process and record its output and exit (started by the agent, one
+    /// per running workload; it outlives the agent).
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        cpu: Option<f64>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 /// What the TOML config file may hold.

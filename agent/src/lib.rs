@@ -10,8 +10,10 @@ pub mod mesh;
 pub mod node;
 pub mod peer;
 pub mod replicator;
+pub mod services;
 pub mod store;
 pub mod token;
+pub mod workloads;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
@@ -264,6 +266,9 @@ async fn serve(
     }
 
     let tracker = TaskTracker::new();
+    // Runtimes are probed before gossip starts, so that its first word says which work here.
+    let workloads = workloads::Workloads::new(node.clone()).await;
+    let _ = node.workloads.set(workloads.clone());
     let mesh = mesh::Mesh::start(node, keys).await?;
     let _ = node.mesh.set(mesh.clone());
     mesh.spawn(node.clone(), &tracker, shutdown.clone());
@@ -279,6 +284,7 @@ async fn serve(
             }
         };
     replicator::spawn(node.clone(), &tracker, shutdown.clone());
+    workloads.spawn(&tracker, shutdown.clone());
     // DNS on the machine's mesh address.
     let v4 = node
         .read(|doc| doc.machine(id))

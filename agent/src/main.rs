@@ -5,6 +5,24 @@ use uc_agent::config::Subcommand;
 
 fn main() {
     let args = uc_agent::config::Args::parse();
+    if let Some(Subcommand::Shim {
+        dir,
+        id,
+        memory,
+        cpu,
+        argv,
+    }) = &args.command
+    {
+        let code = uc_workload::shim::run(&uc_workload::shim::ShimArgs {
+            dir: dir.clone(),
+            id: id.clone(),
+            memory: *memory,
+            cpu: *cpu,
+            argv: argv.clone(),
+            isolate: true,
+        });
+        std::process::exit(code);
+    }
     if let Some(Subcommand::DialStdio { socket }) = &args.command {
         // No tracing here: stdout carries the API's bytes.
         let result = tokio::runtime::Builder::new_current_thread()

@@ -31,6 +31,12 @@ pub const KEY_MESH: &str = "wg";
 /// Endpoints this machine learned from peers' handshakes that those peers do
 /// not advertise (a peer behind NAT): `ID=IP:PORT,...`. Usually empty.
 pub const KEY_LEARNED: &str = "wgl";
+/// Runtimes that work on the machine: `nspawn,docker`.
+pub const KEY_RUNTIMES: &str = "rt";
+/// Names of the images in its store, comma-separated.
+pub const KEY_IMAGES: &str = "img";
+/// Memory available, bytes.
+pub const KEY_MEMORY: &str = "mem";
 
 /// Datagrams on the gossip port that chitchat could not decode. chitchat
 /// drops them inside its transport and only logs; `GarbageCounter` (a
@@ -123,6 +129,21 @@ pub async fn start(
         ),
         (KEY_ENDPOINTS.to_string(), cfg.endpoints.join(",")),
         (KEY_LOAD.to_string(), load_average()),
+        (KEY_MEMORY.to_string(), mem_available()),
+        (
+            KEY_RUNTIMES.to_string(),
+            node.workloads
+                .get()
+                .map(|w| w.runtimes_text())
+                .unwrap_or_default(),
+        ),
+        (
+            KEY_IMAGES.to_string(),
+            node.workloads
+                .get()
+                .map(|w| w.images_text())
+                .unwrap_or_default(),
+        ),
         (
             KEY_MESH.to_string(),
             node.mesh
@@ -143,6 +164,7 @@ pub async fn start(
     tracker.spawn(async move {
         let node = publisher;
         let mut load_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut images_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -151,10 +173,21 @@ pub async fn start(
                     let heads = heads_rx.borrow_and_update().clone();
                     chitchat.lock().await.self_node_state().set(KEY_HEADS, heads);
                 }
+                _ = images_tick.tick() => {
+                    // The image store changes on import and fetch; a listing is cheap.
+                    if let Some(w) = node.workloads.get() {
+                        let images = w.images_text();
+                        let mut c = chitchat.lock().await;
+                        if c.self_node_state().get(KEY_IMAGES).unwrap_or("") != images {
+                            c.self_node_state().set(KEY_IMAGES, images);
+                        }
+                    }
+                }
                 _ = load_tick.tick() => {
                     let learned = node.mesh.get().map(|m| m.learned_text()).unwrap_or_default();
                     let mut c = chitchat.lock().await;
                     c.self_node_state().set(KEY_LOAD, load_average());
+                    c.self_node_state().set(KEY_MEMORY, mem_available());
                     if c.self_node_state().get(KEY_LEARNED).unwrap_or("") != learned {
                         c.self_node_state().set(KEY_LEARNED, learned);
                     }
@@ -212,6 +245,17 @@ pub async fn start(
                         heads: state.get(KEY_HEADS).map(str::to_string),
                         mesh_backend: state.get(KEY_MESH).map(str::to_string),
                         learned_endpoints: parse_learned(state.get(KEY_LEARNED).unwrap_or("")),
+                        runtimes: state.get(KEY_RUNTIMES).map(|r| {
+                            r.split(',').filter_map(|k| k.parse().ok()).collect()
+                        }),
+                        images: state
+                            .get(KEY_IMAGES)
+                            .unwrap_or("")
+                            .split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                        free_memory: state.get(KEY_MEMORY).and_then(|m| m.parse().ok()),
                     };
                     // A restarted machine has a newer generation: it wins.
                     match peers.get(&machine) {
@@ -273,6 +317,20 @@ pub fn parse_learned(v: &str) -> Vec<(String, SocketAddr)> {
             Some((id.to_string(), addr.parse().ok()?))
         })
         .collect()
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn mem_available() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| (kb * 1024).to_string())
+        .unwrap_or_default()
 }
 
 fn load_average() -> String {

@@ -47,6 +47,12 @@ pub struct PeerInfo {
     pub mesh_backend: Option<String>,
     /// Endpoints it learned from other machines' handshakes (machine id, address).
     pub learned_endpoints: Vec<(String, SocketAddr)>,
+    /// Runtimes that work there (`None`: it has not said).
+    pub runtimes: Option<Vec<uc_proto::spec::RuntimeKind>>,
+    /// Names of the images in its store.
+    pub images: Vec<String>,
+    /// Memory it has available, in bytes.
+    pub free_memory: Option<u64>,
 }
 
 /// Counters shown by `uc status`.
@@ -101,6 +107,8 @@ pub struct Node {
     pub removed: std::sync::atomic::AtomicBool,
     /// Where this machine's DNS server listens, once it does.
     pub dns: std::sync::OnceLock<std::net::SocketAddr>,
+    /// This machine's runtimes, images and workloads, once started.
+    pub workloads: std::sync::OnceLock<std::sync::Arc<crate::workloads::Workloads>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -136,6 +144,7 @@ impl Node {
             mesh: std::sync::OnceLock::new(),
             removed: std::sync::atomic::AtomicBool::new(false),
             dns: std::sync::OnceLock::new(),
+            workloads: std::sync::OnceLock::new(),
         }
     }
 

@@ -15,7 +15,11 @@ use uc_proto::MachineId;
 use uc_proto::v1::join_server::Join;
 use uc_proto::v1::peer_client::PeerClient;
 use uc_proto::v1::peer_server::Peer;
-use uc_proto::v1::{JoinRequest, JoinResponse, SyncFrame, WgShowRequest, WgShowResponse};
+use uc_proto::v1::{
+    Chunk, FetchImageRequest, JoinRequest, JoinResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    LogLine, LogsRequest, SyncFrame, WgShowRequest, WgShowResponse,
+};
+use tokio_stream::StreamExt;
 
 use crate::node::{Metrics, Node, WriteError, now_ms};
 use crate::token;
@@ -108,6 +112,114 @@ impl Peer for PeerService {
     async fn wg_show(&self, _: Request<WgShowRequest>) -> Result<Response<WgShowResponse>, Status> {
         wg_show_local(&self.node).map(Response::new)
     }
+
+    async fn list_workloads(
+        &self,
+        _: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        let w = workloads(&self.node)?;
+        Ok(Response::new(ListWorkloadsResponse {
+            workloads: w.statuses().await,
+            runtimes: w
+                .available
+                .iter()
+                .map(|(k, a)| (k.to_string(), a.clone().err().unwrap_or_default()))
+                .collect(),
+        }))
+    }
+
+    type WorkloadLogsStream = Pin<Box<dyn Stream<Item = Result<LogLine, Status>> + Send>>;
+
+    async fn workload_logs(
+        &self,
+        request: Request<LogsRequest>,
+    ) -> Result<Response<Self::WorkloadLogsStream>, Status> {
+        let r = request.into_inner();
+        let w = workloads(&self.node)?;
+        let ids: Vec<uc_proto::ContainerId> = r
+            .container_ids
+            .iter()
+            .map(|i| i.parse().map_err(|e: uc_proto::IdError| Status::invalid_argument(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let machine = self.node.config.name.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let tail = if r.tail == 0 { usize::MAX } else { r.tail as usize };
+            let mut last: std::collections::HashMap<uc_proto::ContainerId, u64> = Default::default();
+            let mut first = true;
+            loop {
+                let mut batch = Vec::new();
+                for id in &ids {
+                    let lines = w.logs(id, if first { tail } else { 10_000 });
+                    let after = last.get(id).copied();
+                    for l in lines {
+                        if after.is_some_and(|a| l.at_ms <= a) {
+                            continue;
+                        }
+                        batch.push(LogLine {
+                            unix_ms: l.at_ms,
+                            container_id: id.to_string(),
+                            machine: machine.clone(),
+                            stream: l.stream.to_string(),
+                            text: l.text,
+                        });
+                    }
+                    if let Some(l) = batch.iter().filter(|l| l.container_id == id.as_str()).map(|l| l.unix_ms).max() {
+                        last.insert(id.clone(), l);
+                    } else if first {
+                        last.insert(id.clone(), 0);
+                    }
+                }
+                batch.sort_by_key(|l| l.unix_ms);
+                for l in batch {
+                    if tx.send(Ok(l)).await.is_err() {
+                        return;
+                    }
+                }
+                if !r.follow {
+                    return;
+                }
+                first = false;
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FetchImageStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
+
+    async fn fetch_image(
+        &self,
+        request: Request<FetchImageRequest>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        let name = request.into_inner().name;
+        let w = workloads(&self.node)?;
+        w.images
+            .require(&name)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+        let images = w.images.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = crate::workloads::ChannelWriter { tx, buf: Vec::new() };
+            if let Err(e) = images.export(&name, &mut out) {
+                tracing::warn!(image = %name, error = %e, "exporting image failed");
+                return;
+            }
+            let _ = std::io::Write::flush(&mut out);
+        });
+        let stream = ReceiverStream::new(rx).map(|data| Ok(Chunk { data }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn workloads(node: &Node) -> Result<Arc<crate::workloads::Workloads>, Status> {
+    node.workloads
+        .get()
+        .cloned()
+        .ok_or_else(|| Status::unavailable("workloads are not started yet on this machine"))
 }
 
 /// This machine's `uc wg show`.

@@ -1,0 +1,537 @@
+//! The agent's workloads: the runtimes of this machine, its image store, and
+//! the reconciler that makes what runs here match what the document places
+//! here (on every change of the document, and every second for crashed
+//! workloads' restarts). Global services get their container on this machine
+//! from here too. Images a placed container needs are fetched from a machine
+//! that has them, over the mesh.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uc_crdt::{Container, DesiredState};
+use uc_proto::spec::{Mode, RuntimeKind, ServiceSpec};
+use uc_proto::v1::{FetchImageRequest, WorkloadStatus};
+use uc_proto::{ContainerId, MachineId};
+use uc_workload::image::{ImageMeta, ImageStore};
+use uc_workload::reconcile::{self, Action, Backoff, Have, Seen, Want};
+use uc_workload::runtime::{Runtime, Workload, WorkloadDirs};
+
+use crate::node::{Liveness, Node, now_ms};
+
+pub struct Workloads {
+    node: Arc<Node>,
+    pub images: ImageStore,
+    runtimes: Vec<Arc<dyn Runtime>>,
+    /// Each runtime kind: Ok, or why it does not work here.
+    pub available: BTreeMap<RuntimeKind, Result<(), String>>,
+    /// Restart backoff per crashed container, and the exit it was computed for.
+    backoff: Mutex<BTreeMap<ContainerId, (Backoff, u64)>>,
+    /// The last error making or starting a container (shown by `uc ps`).
+    errors: Mutex<BTreeMap<ContainerId, String>>,
+    kick: Notify,
+    /// Serializes reconciliation passes.
+    pass: tokio::sync::Mutex<()>,
+}
+
+/// How long a stopped workload gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl Workloads {
+    pub async fn new(node: Arc<Node>) -> Arc<Workloads> {
+        let data = node.config.data_dir.clone();
+        let images = ImageStore::new(data.join("images"));
+        let dirs = WorkloadDirs::new(data.join("workloads"));
+        let shim_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ucd"));
+        let all: Vec<Arc<dyn Runtime>> = vec![Arc::new(uc_workload::nspawn::Nspawn::new(
+            images.clone(),
+            dirs,
+            shim_exe,
+        ))];
+        let mut available = BTreeMap::new();
+        let mut runtimes = Vec::new();
+        for kind in RuntimeKind::ALL {
+            match all.iter().find(|r| r.kind() == kind) {
+                Some(r) => {
+                    let a = r.available().await;
+                    if let Err(why) = &a {
+                        tracing::info!(runtime = %kind, why = %why, "runtime unavailable");
+                    }
+                    available.insert(kind, a);
+                    runtimes.push(r.clone());
+                }
+                None => {
+                    available.insert(kind, Err("not built into this version of ucd".into()));
+                }
+            }
+        }
+        Arc::new(Workloads {
+            node,
+            images,
+            runtimes,
+            available,
+            backoff: Mutex::default(),
+            errors: Mutex::default(),
+            kick: Notify::new(),
+            pass: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The runtimes that work here, as gossip carries them: `nspawn,docker`.
+    pub fn runtimes_text(&self) -> String {
+        self.available
+            .iter()
+            .filter(|(_, a)| a.is_ok())
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The names of the images here, as gossip carries them.
+    pub fn images_text(&self) -> String {
+        self.images
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
+        if self.available.get(&kind).is_some_and(|a| a.is_ok()) {
+            self.runtimes.iter().find(|r| r.kind() == kind)
+        } else {
+            None
+        }
+    }
+
+    /// Asks for a reconciliation pass now.
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    pub fn spawn(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
+        let me = self.clone();
+        let mut heads = self.node.subscribe_heads();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = heads.changed() => if r.is_err() { break },
+                    _ = me.kick.notified() => {}
+                    _ = tick.tick() => {}
+                }
+                if !me.node.is_ready() {
+                    continue;
+                }
+                // A pass can take a while (a stop waits for its grace); it
+                // must not hold up shutdown, which leaves workloads running.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = me.reconcile_once() => {}
+                }
+            }
+        });
+    }
+
+    /// The workloads of this machine as the runtimes see them.
+    pub async fn statuses(&self) -> Vec<WorkloadStatus> {
+        let mut out = Vec::new();
+        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for r in &self.runtimes {
+            for s in r.list().await {
+                let (state, since, code) = match s.seen {
+                    Seen::Running { since_ms } => ("running", since_ms, 0),
+                    Seen::Exited { code, at_ms } => ("exited", at_ms, code),
+                };
+                out.push(WorkloadStatus {
+                    container_id: s.meta.id.to_string(),
+                    service: s.meta.service.clone(),
+                    runtime: s.meta.runtime.to_string(),
+                    state: state.into(),
+                    since_unix_ms: since,
+                    exit_code: code,
+                    restarts: s.meta.restarts,
+                    error: errors.get(&s.meta.id).cloned().unwrap_or_default(),
+                    pid: s.pid.unwrap_or(0),
+                    image: s.meta.image.clone(),
+                });
+            }
+        }
+        // Containers that could not be made at all have no directory: say why.
+        for (id, e) in errors {
+            if !out.iter().any(|w| w.container_id == id.as_str()) {
+                out.push(WorkloadStatus {
+                    container_id: id.to_string(),
+                    state: "failed".into(),
+                    error: e,
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+
+    pub fn logs(&self, id: &ContainerId, n: usize) -> Vec<uc_workload::shim::LogLine> {
+        self.runtimes
+            .iter()
+            .map(|r| r.logs(id, n))
+            .find(|l| !l.is_empty())
+            .unwrap_or_default()
+    }
+
+    fn set_error(&self, id: &ContainerId, e: Option<String>) {
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        match e {
+            Some(e) => {
+                errors.insert(id.clone(), e);
+            }
+            None => {
+                errors.remove(id);
+            }
+        }
+    }
+
+    /// Puts this machine's container of every global service it lacks into the document.
+    fn place_global(&self) {
+        let me = &self.node.machine_id;
+        let todo: Vec<(uc_proto::ServiceId, ServiceSpec)> = self.node.read(|doc| {
+            let containers = doc.containers();
+            doc.services()
+                .into_iter()
+                .filter_map(|s| Some((s.id, ServiceSpec::from_json(&s.spec).ok()?)))
+                .filter(|(id, spec)| {
+                    spec.mode == Mode::Global
+                        && (spec.machines.is_empty()
+                            || spec.machines.iter().any(|m| m == me.as_str()))
+                        && self.runtime(spec.runtime).is_some()
+                        && !containers.iter().any(|c| &c.service == id && &c.machine == me)
+                })
+                .collect()
+        });
+        for (service, _) in todo {
+            let r = self.node.write(|doc| {
+                let Some(m) = doc.machine(me) else {
+                    return Ok(());
+                };
+                if !m.is_active() {
+                    return Ok(());
+                }
+                let used = doc.containers().iter().filter_map(|c| c.address).collect();
+                let Some(address) = uc_workload::place::free_address(m.subnet, &used) else {
+                    return Ok(());
+                };
+                doc.put_container(Container {
+                    id: ContainerId::from_bytes(crate::token::random16()),
+                    service: service.clone(),
+                    machine: me.clone(),
+                    address: Some(address),
+                    desired: DesiredState::Running,
+                    created_at_ms: now_ms(),
+                })
+            });
+            if let Err(e) = r {
+                tracing::warn!(service = %service, error = %e, "placing a global service here failed");
+            }
+        }
+    }
+
+    /// One reconciliation pass.
+    pub async fn reconcile_once(&self) {
+        let _pass = self.pass.lock().await;
+        self.place_global();
+        let me = self.node.machine_id.clone();
+        let (machine, placed) = self.node.read(|doc| {
+            let machine = doc.machine(&me);
+            let services: BTreeMap<_, _> =
+                doc.services().into_iter().map(|s| (s.id.clone(), s)).collect();
+            let placed: Vec<(Container, String, Option<ServiceSpec>)> = doc
+                .containers()
+                .into_iter()
+                .filter(|c| c.machine == me)
+                .filter_map(|c| {
+                    let s = services.get(&c.service)?;
+                    let spec = ServiceSpec::from_json(&s.spec).ok();
+                    Some((c, s.name.clone(), spec))
+                })
+                .collect();
+            (machine, placed)
+        });
+        let active = machine.as_ref().is_some_and(|m| m.is_active());
+        let mut want = Vec::new();
+        let mut workloads: BTreeMap<ContainerId, Workload> = BTreeMap::new();
+        if let (true, Some(m)) = (active, &machine) {
+            let gateway = m.subnet.host(1).expect("a /24 has a first host");
+            for (c, name, spec) in placed {
+                let (Some(spec), Some(address)) = (spec, c.address) else {
+                    self.set_error(&c.id, Some("its service's spec is not valid".into()));
+                    continue;
+                };
+                let digest = digest(&spec, address);
+                want.push(Want {
+                    id: c.id.clone(),
+                    digest: digest.clone(),
+                    running: c.desired == DesiredState::Running,
+                });
+                workloads.insert(
+                    c.id.clone(),
+                    Workload {
+                        id: c.id.clone(),
+                        service: name,
+                        spec,
+                        address,
+                        prefix: m.subnet.prefix(),
+                        gateway,
+                        machine: m.name.clone(),
+                        digest,
+                    },
+                );
+            }
+        }
+        let mut have = Vec::new();
+        let mut kinds = BTreeMap::new();
+        for r in &self.runtimes {
+            for s in r.list().await {
+                kinds.insert(s.meta.id.clone(), r.kind());
+                have.push(Have {
+                    id: s.meta.id.clone(),
+                    digest: s.meta.digest.clone(),
+                    seen: s.seen,
+                });
+                // A crash: count it once, for the backoff.
+                if let Seen::Exited { at_ms, code } = s.seen {
+                    let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                    let prev = b.get(&s.meta.id).copied();
+                    if prev.is_none_or(|(_, at)| at != at_ms) {
+                        let next =
+                            Backoff::after_exit(prev.map(|p| p.0), s.meta.started_ms, at_ms);
+                        if want.iter().any(|w| w.id == s.meta.id && w.running) {
+                            tracing::info!(container = %s.meta.id.short(), service = %s.meta.service, code, delay_ms = next.until_ms.saturating_sub(at_ms), "workload exited; restarting after backoff");
+                        }
+                        b.insert(s.meta.id.clone(), (next, at_ms));
+                    }
+                }
+            }
+        }
+        let backoff: BTreeMap<ContainerId, Backoff> = self
+            .backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0))
+            .collect();
+        let actions = reconcile::reconcile(&want, &have, &backoff, now_ms());
+        for action in actions {
+            self.apply(action, &workloads, &kinds).await;
+        }
+        // Forget what is gone.
+        let keep: std::collections::BTreeSet<&ContainerId> = want.iter().map(|w| &w.id).collect();
+        self.backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep.contains(k));
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep.contains(k));
+    }
+
+    async fn apply(
+        &self,
+        action: Action,
+        workloads: &BTreeMap<ContainerId, Workload>,
+        kinds: &BTreeMap<ContainerId, RuntimeKind>,
+    ) {
+        match action {
+            Action::Create(id) => {
+                let Some(w) = workloads.get(&id) else { return };
+                let Some(rt) = self.runtime(w.spec.runtime) else {
+                    let why = self
+                        .available
+                        .get(&w.spec.runtime)
+                        .and_then(|a| a.clone().err())
+                        .unwrap_or_default();
+                    self.set_error(&id, Some(format!("runtime {} is not available here: {why}", w.spec.runtime)));
+                    return;
+                };
+                if self.images.get(&w.spec.image).is_none()
+                    && let Err(e) = self.fetch_image(&w.spec.image).await
+                {
+                    self.set_error(&id, Some(format!("{e:#}")));
+                    return;
+                }
+                let t = std::time::Instant::now();
+                match rt.create(w).await {
+                    Ok(()) => {
+                        tracing::info!(container = %id.short(), service = %w.service, address = %w.address, ms = t.elapsed().as_millis() as u64, "workload started");
+                        self.set_error(&id, None);
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %id.short(), service = %w.service, error = %e, "making workload failed");
+                        self.set_error(&id, Some(e.to_string()));
+                    }
+                }
+            }
+            Action::Start(id) => {
+                let Some(rt) = kinds.get(&id).and_then(|k| self.runtime(*k)) else {
+                    return;
+                };
+                if let Err(e) = rt.start(&id).await {
+                    tracing::warn!(container = %id.short(), error = %e, "restarting workload failed");
+                    self.set_error(&id, Some(e.to_string()));
+                }
+            }
+            Action::Stop(id) => {
+                let Some(rt) = kinds.get(&id).and_then(|k| self.runtime(*k)) else {
+                    return;
+                };
+                if let Err(e) = rt.stop(&id, STOP_GRACE).await {
+                    tracing::warn!(container = %id.short(), error = %e, "stopping workload failed");
+                }
+            }
+            Action::Remove(id) => {
+                let Some(rt) = kinds.get(&id).and_then(|k| self.runtimes.iter().find(|r| r.kind() == *k))
+                else {
+                    return;
+                };
+                match rt.remove(&id).await {
+                    Ok(()) => tracing::info!(container = %id.short(), "workload removed"),
+                    Err(e) => {
+                        tracing::warn!(container = %id.short(), error = %e, "removing workload failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gets an image from a live machine whose gossip says it has it.
+    async fn fetch_image(&self, name: &str) -> anyhow::Result<ImageMeta> {
+        let holders: Vec<MachineId> = self
+            .node
+            .peers()
+            .into_iter()
+            .filter(|(_, p)| p.liveness == Liveness::Live && p.images.iter().any(|i| i == name))
+            .map(|(id, _)| id)
+            .collect();
+        if holders.is_empty() {
+            anyhow::bail!("image {name:?} is on no live machine of the cluster (uc image import it)");
+        }
+        let mesh = self
+            .node
+            .mesh
+            .get()
+            .ok_or_else(|| anyhow::anyhow!("the mesh is not up"))?;
+        let mut last = None;
+        for m in holders {
+            let addr = std::net::SocketAddr::new(
+                mesh.management_of(m.as_str()).into(),
+                self.node.config.peer_port,
+            );
+            let t = std::time::Instant::now();
+            match self.fetch_from(&addr.to_string(), name).await {
+                Ok(meta) => {
+                    tracing::info!(image = name, from = %m.short(), bytes = meta.size_bytes, ms = t.elapsed().as_millis() as u64, "image fetched");
+                    return Ok(meta);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one holder was tried"))
+    }
+
+    async fn fetch_from(&self, addr: &str, name: &str) -> anyhow::Result<ImageMeta> {
+        let mut client = crate::peer::client(addr)?;
+        let mut stream = client
+            .fetch_image(FetchImageRequest { name: name.into() })
+            .await?
+            .into_inner();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let images = self.images.clone();
+        let fallback = name.to_owned();
+        let import = tokio::task::spawn_blocking(move || {
+            images.import(ChannelReader::new(rx), None, &fallback, now_ms())
+        });
+        while let Some(chunk) = stream.message().await? {
+            if tx.send(chunk.data).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        Ok(import.await??)
+    }
+}
+
+/// A digest of what a container is made from: a change makes it again.
+fn digest(spec: &ServiceSpec, address: std::net::Ipv4Addr) -> String {
+    let text = format!("{}|{address}", spec.to_json());
+    hex::encode(&ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref()[..8])
+}
+
+/// Reads what a channel of chunks carries (an image arriving over gRPC, into a blocking import).
+pub struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        Self {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.recv() {
+                Ok(b) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// A writer that sends what it is given as chunks (an image export, out to gRPC).
+pub struct ChannelWriter {
+    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub buf: Vec<u8>,
+}
+
+pub const CHUNK: usize = 256 * 1024;
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let b = std::mem::take(&mut self.buf);
+            self.tx
+                .blocking_send(b)
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone"))?;
+        }
+        Ok(())
+    }
+}
