@@ -9,6 +9,7 @@ mod output;
 mod progress;
 mod ssh;
 mod target;
+mod workloads;
 
 use std::path::PathBuf;
 
@@ -63,6 +64,90 @@ enum Command {
     /// Contexts: named lists of connections to a cluster (~/.config/uc/config.toml).
     #[command(subcommand)]
     Ctx(CtxCmd),
+    /// Run a service: its containers are placed on machines of the cluster, on the mesh.
+    Run(RunFlags),
+    /// List services.
+    Ls,
+    /// List containers: machine, address, state, uptime.
+    Ps {
+        /// Only this service's containers.
+        service: Option<String>,
+    },
+    /// Remove services: their containers stop and everything they had is deleted.
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// A service's output, merged across machines.
+    Logs {
+        service: String,
+        /// Follow: print new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines (0: all).
+        #[arg(short = 'n', long, default_value_t = 100)]
+        tail: u32,
+    },
+    /// Images of the machines' stores.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Add an image to the store of the machine this command reaches: a root filesystem
+    /// tarball, a `docker save` archive or an OCI archive (gzip or not). Other machines fetch
+    /// it over the mesh when a service needs it there.
+    Import {
+        file: PathBuf,
+        /// Its name (default: the name in the archive, else the file's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images and the machines that have them.
+    Ls,
+}
+
+#[derive(clap::Args)]
+struct RunFlags {
+    /// Name of the service (default: the image's name and 4 random hex digits).
+    #[arg(short, long)]
+    name: Option<String>,
+    /// A machine to run on (repeatable; default: any machine with the runtime).
+    #[arg(short, long = "machine")]
+    machines: Vec<String>,
+    /// docker, nspawn or vm.
+    #[arg(long, default_value = "nspawn")]
+    runtime: uc_proto::spec::RuntimeKind,
+    /// Publish a port: [HOSTNAME:][LB_PORT:]PORT[/PROTO] or [IP:]HOST_PORT:PORT[/PROTO]@host.
+    #[arg(short = 'p', long = "publish")]
+    ports: Vec<String>,
+    /// An environment variable, KEY=VALUE (repeatable).
+    #[arg(short, long)]
+    env: Vec<String>,
+    /// How many containers (default: one per --machine, else 1).
+    #[arg(long, conflicts_with = "mode")]
+    replicas: Option<u32>,
+    /// `global`: one container on every machine with the runtime, also ones that join later.
+    #[arg(long, value_parser = ["global", "replicated"])]
+    mode: Option<String>,
+    /// CPU limit, in cores (0.5 = half a core).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory limit: 512m, 2g, ...
+    #[arg(long)]
+    memory: Option<String>,
+    /// Return once the containers are placed, without waiting for them to run.
+    #[arg(short, long)]
+    detach: bool,
+    /// How long to wait for the containers to run.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// The image (see uc image ls).
+    image: String,
+    /// The command to run (default: the image's).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -422,6 +507,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(client::status_error)?;
             Ok(())
         }
+        Command::Run(f) => {
+            let a = workloads::RunArgs {
+                name: f.name,
+                machines: f.machines,
+                runtime: f.runtime,
+                ports: f.ports,
+                env: f.env,
+                replicas: f.replicas,
+                global: f.mode.as_deref() == Some("global"),
+                cpu: f.cpu,
+                memory: f.memory,
+                image: f.image,
+                command: f.command,
+                detach: f.detach,
+                timeout: std::time::Duration::from_secs(f.timeout_secs),
+            };
+            workloads::run(&mut api, a, json).await
+        }
+        Command::Ls => workloads::ls(&mut api, json).await,
+        Command::Ps { service } => workloads::ps(&mut api, service, json).await,
+        Command::Rm { services } => {
+            for name in services {
+                api.remove_service(uc_proto::v1::RemoveServiceRequest { name: name.clone() })
+                    .await
+                    .map_err(client::status_error)?;
+                if !json {
+                    println!("removed {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Logs {
+            service,
+            follow,
+            tail,
+        } => workloads::logs(&mut api, service, tail, follow, json).await,
+        Command::Image(ImageCmd::Import { file, name }) => {
+            workloads::image_import(&mut api, &file, name, json).await
+        }
+        Command::Image(ImageCmd::Ls) => workloads::image_ls(&mut api, json).await,
         Command::Local(_)
         | Command::Ctx(_)
         | Command::Machine(MachineCmd::Init { .. } | MachineCmd::Add { .. }) => {
