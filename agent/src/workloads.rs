@@ -413,13 +413,17 @@ impl Workloads {
 
     /// Gets an image from a live machine whose gossip says it has it.
     async fn fetch_image(&self, name: &str) -> anyhow::Result<ImageMeta> {
-        let holders: Vec<MachineId> = self
+        // Machines whose gossip says they have it first, then every other
+        // live machine: gossip may not have carried a fresh import yet.
+        let mut live: Vec<(bool, MachineId)> = self
             .node
             .peers()
             .into_iter()
-            .filter(|(_, p)| p.liveness == Liveness::Live && p.images.iter().any(|i| i == name))
-            .map(|(id, _)| id)
+            .filter(|(_, p)| p.liveness == Liveness::Live)
+            .map(|(id, p)| (!p.images.iter().any(|i| i == name), id))
             .collect();
+        live.sort();
+        let holders: Vec<MachineId> = live.into_iter().map(|(_, id)| id).collect();
         if holders.is_empty() {
             anyhow::bail!("image {name:?} is on no live machine of the cluster (uc image import it)");
         }

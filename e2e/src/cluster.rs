@@ -531,8 +531,11 @@ impl Cluster {
             .append(true)
             .open(&m.log)
             .with_context(|| format!("opening {}", m.log.display()))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &m.netns])
+        // nsenter, not `ip netns exec`: that mounts a sysfs of its own over /sys, which hides
+        // the cgroup hierarchies systemd-nspawn needs.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", m.netns))
+            .arg("--")
             .args(&argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -904,6 +907,7 @@ impl Cluster {
             {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
+            problems.extend(crate::workloads::cleanup(&m.data_dir));
             if let Err(e) = netns::delete(&m.netns) {
                 problems.push(format!("{e:#}"));
             }
@@ -956,6 +960,9 @@ impl Drop for Cluster {
             if let Some(mut c) = m.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+            for p in crate::workloads::cleanup(&m.data_dir) {
+                eprintln!("uc-e2e: {p}");
             }
             if let Err(e) = netns::delete(&m.netns) {
                 eprintln!("uc-e2e: {e:#}");

@@ -14,6 +14,7 @@ mod cluster;
 pub mod netns;
 mod process;
 pub mod sshlab;
+pub mod workloads;
 
 use std::time::{Duration, Instant};
 

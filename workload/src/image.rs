@@ -220,7 +220,9 @@ impl ImageStore {
                 meta.cmd = m.cmd;
                 meta.env = m.env;
                 meta.workdir = m.workdir;
-                meta.digest = m.digest;
+                if !m.digest.is_empty() {
+                    meta.digest = m.digest;
+                }
                 let _ = fs::remove_file(&exported);
             }
             fs::rename(&unpacked, &rootfs).map_err(io_err("moving", &unpacked))?;

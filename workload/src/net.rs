@@ -1,4 +1,4 @@
-//! Workload networking on one machine: the bridge `uc0` that holds the
+//! Workload networking on one machine: the bridge `ucbr0` that holds the
 //! machine's address in its /24 (10.210.X.1/24, the workloads' gateway), and
 //! per workload a network namespace (a file bind-mounted in its directory)
 //! with a veth whose outer end is a port of the bridge and whose inner end
@@ -16,7 +16,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// The bridge of a machine's workloads.
-pub const BRIDGE: &str = "uc0";
+pub const BRIDGE: &str = "ucbr0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -229,15 +229,15 @@ pub async fn attach(
         .await
         .map_err(nl(format!("moving {peer} into the workload's namespace")))?;
     h.link()
-        .set(
-            LinkUnspec::new_with_index(host_index)
-                .controller(bridge)
-                .up()
-                .build(),
-        )
+        .set(LinkUnspec::new_with_index(host_index).controller(bridge).build())
         .execute()
         .await
         .map_err(nl(format!("plugging {host_if} into {BRIDGE}")))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(host_index).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("bringing {host_if} up")))?;
     // Configure the inside from a thread that entered the namespace: its
     // netlink socket belongs to the namespace it was opened in.
     let inner = std::thread::spawn(move || -> Result<(), NetError> {

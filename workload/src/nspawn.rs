@@ -221,7 +221,7 @@ impl Nspawn {
             net::create_netns(&ns)?;
         }
         let host_if = net::host_ifname(w.id.as_str());
-        if !Path::new("/sys/class/net").join(&host_if).exists() || !has_link(&host_if).await {
+        if !has_link(&host_if).await {
             net::attach(&ns, &host_if, w.address, w.prefix, w.gateway, WORKLOAD_MTU).await?;
         }
         if let Some(mut m) = self.dirs.read_meta(&w.id) {
