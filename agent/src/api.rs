@@ -87,7 +87,8 @@ impl ApiService {
 type HeadsStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<HeadsEvent, Status>> + Send>>;
 
-type LogStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLine, Status>> + Send>>;
+type LogStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<LogLine, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Api for ApiService {

@@ -245,9 +245,9 @@ pub async fn start(
                         heads: state.get(KEY_HEADS).map(str::to_string),
                         mesh_backend: state.get(KEY_MESH).map(str::to_string),
                         learned_endpoints: parse_learned(state.get(KEY_LEARNED).unwrap_or("")),
-                        runtimes: state.get(KEY_RUNTIMES).map(|r| {
-                            r.split(',').filter_map(|k| k.parse().ok()).collect()
-                        }),
+                        runtimes: state
+                            .get(KEY_RUNTIMES)
+                            .map(|r| r.split(',').filter_map(|k| k.parse().ok()).collect()),
                         images: state
                             .get(KEY_IMAGES)
                             .unwrap_or("")

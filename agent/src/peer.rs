@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
@@ -16,10 +17,9 @@ use uc_proto::v1::join_server::Join;
 use uc_proto::v1::peer_client::PeerClient;
 use uc_proto::v1::peer_server::Peer;
 use uc_proto::v1::{
-    Chunk, FetchImageRequest, JoinRequest, JoinResponse, ListWorkloadsRequest, ListWorkloadsResponse,
-    LogLine, LogsRequest, SyncFrame, WgShowRequest, WgShowResponse,
+    Chunk, FetchImageRequest, JoinRequest, JoinResponse, ListWorkloadsRequest,
+    ListWorkloadsResponse, LogLine, LogsRequest, SyncFrame, WgShowRequest, WgShowResponse,
 };
-use tokio_stream::StreamExt;
 
 use crate::node::{Metrics, Node, WriteError, now_ms};
 use crate::token;
@@ -139,13 +139,21 @@ impl Peer for PeerService {
         let ids: Vec<uc_proto::ContainerId> = r
             .container_ids
             .iter()
-            .map(|i| i.parse().map_err(|e: uc_proto::IdError| Status::invalid_argument(e.to_string())))
+            .map(|i| {
+                i.parse()
+                    .map_err(|e: uc_proto::IdError| Status::invalid_argument(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
         let machine = self.node.config.name.clone();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            let tail = if r.tail == 0 { usize::MAX } else { r.tail as usize };
-            let mut last: std::collections::HashMap<uc_proto::ContainerId, u64> = Default::default();
+            let tail = if r.tail == 0 {
+                usize::MAX
+            } else {
+                r.tail as usize
+            };
+            let mut last: std::collections::HashMap<uc_proto::ContainerId, u64> =
+                Default::default();
             let mut first = true;
             loop {
                 let mut batch = Vec::new();
@@ -164,7 +172,12 @@ impl Peer for PeerService {
                             text: l.text,
                         });
                     }
-                    if let Some(l) = batch.iter().filter(|l| l.container_id == id.as_str()).map(|l| l.unix_ms).max() {
+                    if let Some(l) = batch
+                        .iter()
+                        .filter(|l| l.container_id == id.as_str())
+                        .map(|l| l.unix_ms)
+                        .max()
+                    {
                         last.insert(id.clone(), l);
                     } else if first {
                         last.insert(id.clone(), 0);
@@ -203,7 +216,10 @@ impl Peer for PeerService {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
         let images = w.images.clone();
         tokio::task::spawn_blocking(move || {
-            let mut out = crate::workloads::ChannelWriter { tx, buf: Vec::new() };
+            let mut out = crate::workloads::ChannelWriter {
+                tx,
+                buf: Vec::new(),
+            };
             if let Err(e) = images.export(&name, &mut out) {
                 tracing::warn!(image = %name, error = %e, "exporting image failed");
                 return;

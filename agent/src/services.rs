@@ -33,7 +33,10 @@ fn peer_addr(node: &Node, m: &MachineId) -> Result<String, Status> {
         .mesh
         .get()
         .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
-    Ok(std::net::SocketAddr::new(mesh.management_of(m.as_str()).into(), node.config.peer_port).to_string())
+    Ok(
+        std::net::SocketAddr::new(mesh.management_of(m.as_str()).into(), node.config.peer_port)
+            .to_string(),
+    )
 }
 
 /// The machines as placement sees them: the document's active machines, with
@@ -234,7 +237,10 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
 }
 
 /// What each machine that holds containers says of them, asked in parallel.
-async fn statuses(node: &Node, machines: BTreeSet<MachineId>) -> BTreeMap<ContainerId, WorkloadStatus> {
+async fn statuses(
+    node: &Node,
+    machines: BTreeSet<MachineId>,
+) -> BTreeMap<ContainerId, WorkloadStatus> {
     let mut tasks = tokio::task::JoinSet::new();
     for m in machines {
         if m == node.machine_id {
@@ -247,7 +253,9 @@ async fn statuses(node: &Node, machines: BTreeSet<MachineId>) -> BTreeMap<Contai
             });
             continue;
         }
-        let Ok(addr) = peer_addr(node, &m) else { continue };
+        let Ok(addr) = peer_addr(node, &m) else {
+            continue;
+        };
         tasks.spawn(async move {
             let ask = async {
                 let mut c: PeerClient<_> = crate::peer::client(&addr).ok()?;
@@ -285,7 +293,9 @@ pub async fn list_containers(node: &Node, service: &str) -> Result<ListContainer
     }
     let containers: Vec<Container> = containers
         .into_iter()
-        .filter(|c| service.is_empty() || services.get(&c.service).map(String::as_str) == Some(service))
+        .filter(|c| {
+            service.is_empty() || services.get(&c.service).map(String::as_str) == Some(service)
+        })
         .collect();
     let st = statuses(node, containers.iter().map(|c| c.machine.clone()).collect()).await;
     Ok(ListContainersResponse {
@@ -325,18 +335,28 @@ fn service_not_found(services: &BTreeMap<ServiceId, String>, name: &str) -> Stat
 }
 
 /// A service's logs: each machine's lines (sorted by time there), merged by time.
-pub async fn logs(node: &Node, r: LogsRequest) -> Result<mpsc::Receiver<Result<LogLine, Status>>, Status> {
+pub async fn logs(
+    node: &Node,
+    r: LogsRequest,
+) -> Result<mpsc::Receiver<Result<LogLine, Status>>, Status> {
     let (containers, services) = node.read(|doc| {
         let services: BTreeMap<ServiceId, String> =
             doc.services().into_iter().map(|s| (s.id, s.name)).collect();
         (doc.containers(), services)
     });
-    let Some(svc) = services.iter().find(|(_, n)| **n == r.service).map(|(id, _)| id.clone()) else {
+    let Some(svc) = services
+        .iter()
+        .find(|(_, n)| **n == r.service)
+        .map(|(id, _)| id.clone())
+    else {
         return Err(service_not_found(&services, &r.service));
     };
     let mut by_machine: BTreeMap<MachineId, Vec<String>> = BTreeMap::new();
     for c in containers.into_iter().filter(|c| c.service == svc) {
-        by_machine.entry(c.machine).or_default().push(c.id.to_string());
+        by_machine
+            .entry(c.machine)
+            .or_default()
+            .push(c.id.to_string());
     }
     let (tx, rx) = mpsc::channel(256);
     let mut streams = Vec::new();
@@ -349,7 +369,8 @@ pub async fn logs(node: &Node, r: LogsRequest) -> Result<mpsc::Receiver<Result<L
         };
         let addr = peer_addr(node, &m)?;
         streams.push(async move {
-            let mut c = crate::peer::client(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut c =
+                crate::peer::client(&addr).map_err(|e| Status::unavailable(e.to_string()))?;
             Ok::<_, Status>(c.workload_logs(req).await?.into_inner())
         });
     }
@@ -406,7 +427,10 @@ pub async fn logs(node: &Node, r: LogsRequest) -> Result<mpsc::Receiver<Result<L
     Ok(rx)
 }
 
-pub async fn import_image(node: &Node, mut s: Streaming<ImportImageChunk>) -> Result<ImageInfo, Status> {
+pub async fn import_image(
+    node: &Node,
+    mut s: Streaming<ImportImageChunk>,
+) -> Result<ImageInfo, Status> {
     let w = workloads(node)?;
     let first = s
         .message()
@@ -414,7 +438,8 @@ pub async fn import_image(node: &Node, mut s: Streaming<ImportImageChunk>) -> Re
         .ok_or_else(|| Status::invalid_argument("no image data"))?;
     let name = (!first.name.is_empty()).then(|| first.name.clone());
     if let Some(n) = &name {
-        uc_workload::image::check_image_name(n).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        uc_workload::image::check_image_name(n)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
     let fallback = fallback_name(&first.file_name);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
@@ -467,10 +492,20 @@ fn fallback_name(file: &str) -> String {
     let cleaned: String = stem
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let cleaned = cleaned.trim_start_matches(['.', '_', '-']).to_string();
-    if cleaned.is_empty() { "image".into() } else { cleaned }
+    if cleaned.is_empty() {
+        "image".into()
+    } else {
+        cleaned
+    }
 }
 
 fn info(m: &uc_workload::image::ImageMeta, machines: Vec<String>) -> ImageInfo {
@@ -490,14 +525,21 @@ pub fn list_images(node: &Node) -> Result<ListImagesResponse, Status> {
     let names: BTreeMap<MachineId, String> =
         node.read(|doc| doc.machines().into_iter().map(|m| (m.id, m.name)).collect());
     let mut out: BTreeMap<String, ImageInfo> = BTreeMap::new();
-    for m in w.images.list().map_err(|e| Status::internal(e.to_string()))? {
+    for m in w
+        .images
+        .list()
+        .map_err(|e| Status::internal(e.to_string()))?
+    {
         out.insert(m.name.clone(), info(&m, vec![node.config.name.clone()]));
     }
     for (id, p) in node.peers() {
         if p.liveness == Liveness::Dead {
             continue;
         }
-        let machine = names.get(&id).cloned().unwrap_or_else(|| id.short().to_string());
+        let machine = names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| id.short().to_string());
         for i in p.images {
             out.entry(i.clone())
                 .or_insert_with(|| ImageInfo {

@@ -144,7 +144,11 @@ impl Workloads {
     /// The workloads of this machine as the runtimes see them.
     pub async fn statuses(&self) -> Vec<WorkloadStatus> {
         let mut out = Vec::new();
-        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for r in &self.runtimes {
             for s in r.list().await {
                 let (state, since, code) = match s.seen {
@@ -212,7 +216,9 @@ impl Workloads {
                         && (spec.machines.is_empty()
                             || spec.machines.iter().any(|m| m == me.as_str()))
                         && self.runtime(spec.runtime).is_some()
-                        && !containers.iter().any(|c| &c.service == id && &c.machine == me)
+                        && !containers
+                            .iter()
+                            .any(|c| &c.service == id && &c.machine == me)
                 })
                 .collect()
         });
@@ -250,8 +256,11 @@ impl Workloads {
         let me = self.node.machine_id.clone();
         let (machine, placed) = self.node.read(|doc| {
             let machine = doc.machine(&me);
-            let services: BTreeMap<_, _> =
-                doc.services().into_iter().map(|s| (s.id.clone(), s)).collect();
+            let services: BTreeMap<_, _> = doc
+                .services()
+                .into_iter()
+                .map(|s| (s.id.clone(), s))
+                .collect();
             let placed: Vec<(Container, String, Option<ServiceSpec>)> = doc
                 .containers()
                 .into_iter()
@@ -310,8 +319,7 @@ impl Workloads {
                     let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
                     let prev = b.get(&s.meta.id).copied();
                     if prev.is_none_or(|(_, at)| at != at_ms) {
-                        let next =
-                            Backoff::after_exit(prev.map(|p| p.0), s.meta.started_ms, at_ms);
+                        let next = Backoff::after_exit(prev.map(|p| p.0), s.meta.started_ms, at_ms);
                         if want.iter().any(|w| w.id == s.meta.id && w.running) {
                             tracing::info!(container = %s.meta.id.short(), service = %s.meta.service, code, delay_ms = next.until_ms.saturating_sub(at_ms), "workload exited; restarting after backoff");
                         }
@@ -358,7 +366,13 @@ impl Workloads {
                         .get(&w.spec.runtime)
                         .and_then(|a| a.clone().err())
                         .unwrap_or_default();
-                    self.set_error(&id, Some(format!("runtime {} is not available here: {why}", w.spec.runtime)));
+                    self.set_error(
+                        &id,
+                        Some(format!(
+                            "runtime {} is not available here: {why}",
+                            w.spec.runtime
+                        )),
+                    );
                     return;
                 };
                 if self.images.get(&w.spec.image).is_none()
@@ -397,7 +411,9 @@ impl Workloads {
                 }
             }
             Action::Remove(id) => {
-                let Some(rt) = kinds.get(&id).and_then(|k| self.runtimes.iter().find(|r| r.kind() == *k))
+                let Some(rt) = kinds
+                    .get(&id)
+                    .and_then(|k| self.runtimes.iter().find(|r| r.kind() == *k))
                 else {
                     return;
                 };
@@ -425,7 +441,9 @@ impl Workloads {
         live.sort();
         let holders: Vec<MachineId> = live.into_iter().map(|(_, id)| id).collect();
         if holders.is_empty() {
-            anyhow::bail!("image {name:?} is on no live machine of the cluster (uc image import it)");
+            anyhow::bail!(
+                "image {name:?} is on no live machine of the cluster (uc image import it)"
+            );
         }
         let mesh = self
             .node
@@ -532,9 +550,9 @@ impl std::io::Write for ChannelWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             let b = std::mem::take(&mut self.buf);
-            self.tx
-                .blocking_send(b)
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone"))?;
+            self.tx.blocking_send(b).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone")
+            })?;
         }
         Ok(())
     }

@@ -123,9 +123,9 @@ pub async fn run(api: &mut Api, a: RunArgs, json: bool) -> anyhow::Result<()> {
             .map(|c| c.status.as_ref().map_or("unknown", |s| s.state.as_str()))
             .collect();
         if let Some(c) = ps.containers.iter().find(|c| {
-            c.status
-                .as_ref()
-                .is_some_and(|s| s.state == "failed" || (s.state == "exited" && !s.error.is_empty()))
+            c.status.as_ref().is_some_and(|s| {
+                s.state == "failed" || (s.state == "exited" && !s.error.is_empty())
+            })
         }) {
             let s = c.status.as_ref().expect("found with a status");
             anyhow::bail!(
@@ -133,7 +133,11 @@ pub async fn run(api: &mut Api, a: RunArgs, json: bool) -> anyhow::Result<()> {
                 &c.id[..12],
                 r.name,
                 c.machine,
-                if s.error.is_empty() { "it exited" } else { &s.error },
+                if s.error.is_empty() {
+                    "it exited"
+                } else {
+                    &s.error
+                },
                 r.name,
                 r.name
             );
@@ -176,7 +180,11 @@ fn print_run(
             r.containers.len(),
             d.as_secs_f64()
         ),
-        None => println!("service {} placed: {} container(s)", r.name, r.containers.len()),
+        None => println!(
+            "service {} placed: {} container(s)",
+            r.name,
+            r.containers.len()
+        ),
     }
     for c in &r.containers {
         println!("  {}  {}  {}", &c.id[..12], c.machine, c.address);
@@ -258,14 +266,27 @@ pub async fn ps(api: &mut Api, service: Option<String>, json: bool) -> anyhow::R
                 c.machine.clone(),
                 c.address.clone(),
                 state,
-                if s.state == "running" { ago(s.since_unix_ms) } else { "-".into() },
+                if s.state == "running" {
+                    ago(s.since_unix_ms)
+                } else {
+                    "-".into()
+                },
                 s.restarts.to_string(),
                 s.error,
             ]
         })
         .collect();
     table(
-        &["CONTAINER", "SERVICE", "MACHINE", "ADDRESS", "STATE", "UPTIME", "RESTARTS", "ERROR"],
+        &[
+            "CONTAINER",
+            "SERVICE",
+            "MACHINE",
+            "ADDRESS",
+            "STATE",
+            "UPTIME",
+            "RESTARTS",
+            "ERROR",
+        ],
         rows,
     );
     Ok(())
@@ -306,7 +327,9 @@ pub async fn ls(api: &mut Api, json: bool) -> anyhow::Result<()> {
         rows.push(vec![
             name,
             spec.as_ref().map(|s| s.image.clone()).unwrap_or_default(),
-            spec.as_ref().map(|s| s.runtime.to_string()).unwrap_or_default(),
+            spec.as_ref()
+                .map(|s| s.runtime.to_string())
+                .unwrap_or_default(),
             mode,
             format!("{running}/{}", of.len()),
             spec.map(|s| s.ports.join(",")).unwrap_or_default(),
@@ -316,7 +339,10 @@ pub async fn ls(api: &mut Api, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    table(&["NAME", "IMAGE", "RUNTIME", "MODE", "RUNNING", "PORTS"], rows);
+    table(
+        &["NAME", "IMAGE", "RUNTIME", "MODE", "RUNNING", "PORTS"],
+        rows,
+    );
     Ok(())
 }
 
@@ -374,8 +400,16 @@ pub async fn image_import(
             }
             buf.truncate(n);
             let chunk = ImportImageChunk {
-                name: if first { name.clone().unwrap_or_default() } else { String::new() },
-                file_name: if first { file_name.clone() } else { String::new() },
+                name: if first {
+                    name.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                file_name: if first {
+                    file_name.clone()
+                } else {
+                    String::new()
+                },
                 data: buf,
             };
             first = false;
@@ -433,7 +467,11 @@ pub async fn image_ls(api: &mut Api, json: bool) -> anyhow::Result<()> {
         .map(|i| {
             vec![
                 i.name.clone(),
-                if i.size_bytes > 0 { format!("{:.1} MB", i.size_bytes as f64 / 1e6) } else { "-".into() },
+                if i.size_bytes > 0 {
+                    format!("{:.1} MB", i.size_bytes as f64 / 1e6)
+                } else {
+                    "-".into()
+                },
                 i.cmd.clone(),
                 i.machines.join(","),
             ]
@@ -483,7 +521,12 @@ mod tests {
     fn bad_flags_say_which() {
         let mut a = args();
         a.ports = vec!["80:http".into()];
-        assert!(spec_of(&a).unwrap_err().to_string().contains("bad port spec \"80:http\""));
+        assert!(
+            spec_of(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("bad port spec \"80:http\"")
+        );
         let mut a = args();
         a.env = vec!["NOEQUALS".into()];
         assert!(spec_of(&a).unwrap_err().to_string().contains("KEY=VALUE"));

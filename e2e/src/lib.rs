@@ -12,7 +12,7 @@
 
 mod cluster;
 pub mod netns;
-mod process;
+pub mod process;
 pub mod sshlab;
 pub mod workloads;
 

@@ -76,3 +76,52 @@ pub fn cleanup(data_dir: &Path) -> Vec<String> {
     }
     problems
 }
+
+/// The demo image tarball: `$UC_DEMO_IMAGE`, else built once by
+/// `scripts/demo-image.sh` under the system's temporary directory.
+pub fn demo_image() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("UC_DEMO_IMAGE") {
+        return Ok(p.into());
+    }
+    let out = std::env::temp_dir().join("uc-e2e-demo-image.tar");
+    if out.exists() {
+        return Ok(out);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/demo-image.sh");
+    crate::process::run_ok(
+        std::process::Command::new(&script).arg(&out),
+        Duration::from_secs(300),
+    )?;
+    Ok(out)
+}
+
+/// Mounts under `dir`, as /proc/self/mountinfo lists them.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let Some(prefix) = dir.to_str() else {
+        return Vec::new();
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| *pid != me)
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

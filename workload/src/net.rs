@@ -229,7 +229,11 @@ pub async fn attach(
         .await
         .map_err(nl(format!("moving {peer} into the workload's namespace")))?;
     h.link()
-        .set(LinkUnspec::new_with_index(host_index).controller(bridge).build())
+        .set(
+            LinkUnspec::new_with_index(host_index)
+                .controller(bridge)
+                .build(),
+        )
         .execute()
         .await
         .map_err(nl(format!("plugging {host_if} into {BRIDGE}")))?;

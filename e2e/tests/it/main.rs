@@ -9,6 +9,7 @@ mod harness;
 mod machine_ssh;
 mod mesh;
 mod sshlab;
+mod workloads;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -1,0 +1,336 @@
+//! Workloads on namespace machines: `uc run` places nspawn containers of the demo image, they
+//! serve HTTP over the mesh to workloads on other machines, `uc rm` leaves nothing behind, an
+//! agent killed with -9 leaves its workloads running and adopts them when it restarts, a
+//! crashed workload is restarted, and bad input is refused with nothing written.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use serde_json::Value;
+use uc_e2e::workloads::{demo_image, mounts_under, processes_mentioning};
+use uc_e2e::{Cluster, ClusterBuilder, eventually};
+
+use crate::{uc_ok, with_cluster};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn import_demo(c: &Cluster, i: usize) -> anyhow::Result<()> {
+    let image = demo_image()?;
+    uc_ok(c, i, &["image", "import", image.to_str().context("path")?])?;
+    Ok(())
+}
+
+fn ps(c: &Cluster, i: usize) -> anyhow::Result<Vec<Value>> {
+    let v: Value = serde_json::from_str(&uc_ok(c, i, &["-o", "json", "ps"])?)?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+/// `curl` from machine `i`'s namespace (the machine itself, not a workload).
+fn curl_from_machine(c: &Cluster, i: usize, url: &str) -> anyhow::Result<String> {
+    let out = c.exec_in(i, &["curl", "-sS", "-m", "5", url])?;
+    ensure!(
+        out.status.success(),
+        "curl {url} from {}: {}",
+        c.machine(i).name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The network namespace file of a container on machine `i`.
+fn workload_netns(c: &Cluster, i: usize, id: &str) -> PathBuf {
+    c.machine(i)
+        .data_dir
+        .join("workloads")
+        .join(id)
+        .join("netns")
+}
+
+/// Runs `cmd` inside a container's network namespace: traffic leaves from its address, as its
+/// own processes' would.
+fn in_workload(c: &Cluster, i: usize, id: &str, cmd: &[&str]) -> anyhow::Result<String> {
+    let ns = workload_netns(c, i, id);
+    let out = uc_e2e::process::run_with_timeout(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .arg("--")
+            .args(cmd),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} in container {id} on {}: {}",
+        c.machine(i).name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn machine_index(c: &Cluster, name: &str) -> anyhow::Result<usize> {
+    (0..c.len())
+        .find(|&i| c.machine(i).name == name)
+        .with_context(|| format!("no machine {name}"))
+}
+
+/// Links named like a workload's veth in machine `i`'s namespace.
+fn workload_links(c: &Cluster, i: usize) -> anyhow::Result<Vec<String>> {
+    let out = c.exec_in(i, &["ip", "-o", "link", "show"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("uc-"))
+        .collect())
+}
+
+#[test]
+fn nspawn_replicas_serve_http_across_the_mesh_and_rm_leaves_nothing() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(3), |c| {
+        c.wait_membership()?;
+        import_demo(c, 0)?;
+        let out = uc_ok(
+            c,
+            0,
+            &["-o", "json", "run", "-n", "web", "--replicas", "2", "demo"],
+        )?;
+        let run: Value = serde_json::from_str(&out)?;
+        let placed = run["containers"].as_array().context("containers")?;
+        ensure!(placed.len() == 2, "placed {run}");
+        let containers = ps(c, 1)?;
+        ensure!(containers.len() == 2, "ps: {containers:?}");
+        let machines: BTreeSet<&str> = containers
+            .iter()
+            .map(|v| v["machine"].as_str().unwrap_or(""))
+            .collect();
+        ensure!(
+            machines.len() == 2,
+            "both replicas on one machine: {containers:?}"
+        );
+        for v in &containers {
+            ensure!(v["state"] == "running", "not running: {v}");
+        }
+        // Every machine reaches every replica by its mesh address.
+        for v in &containers {
+            let addr = v["address"].as_str().context("address")?;
+            let id = v["id"].as_str().context("id")?;
+            for i in 0..3 {
+                let body = curl_from_machine(c, i, &format!("http://{addr}/cgi-bin/hello"))?;
+                ensure!(
+                    body.trim() == format!("hello from web-{}", &id[..8]),
+                    "{addr} from m{i}: {body:?}"
+                );
+            }
+        }
+        // A workload on A fetches from the replica on B, from its own address (no NAT).
+        let (a, b) = (&containers[0], &containers[1]);
+        let (a_id, b_addr) = (a["id"].as_str().unwrap(), b["address"].as_str().unwrap());
+        let a_machine = machine_index(c, a["machine"].as_str().unwrap())?;
+        let b_machine = machine_index(c, b["machine"].as_str().unwrap())?;
+        let body = in_workload(
+            c,
+            a_machine,
+            a_id,
+            &["curl", "-sS", "-m", "5", &format!("http://{b_addr}/")],
+        )?;
+        ensure!(body.contains("Hello from uc"), "A -> B: {body:?}");
+        let log = std::fs::read_to_string(
+            c.machine(b_machine)
+                .data_dir
+                .join("workloads")
+                .join(b["id"].as_str().unwrap())
+                .join("log"),
+        )?;
+        let a_addr = a["address"].as_str().unwrap();
+        ensure!(
+            log.contains(&format!("{a_addr}]:")) || log.contains(&format!("{a_addr}:")),
+            "B's log does not show A's address {a_addr}: {log}"
+        );
+        // The workload's resolver is its machine's DNS, which knows the service.
+        let dig = in_workload(
+            c,
+            a_machine,
+            a_id,
+            &[
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=2",
+                &format!("@{}", c.mesh_ip(a_machine)?),
+                "web.internal",
+            ],
+        )?;
+        let got: BTreeSet<&str> = dig.lines().collect();
+        let want: BTreeSet<&str> = containers
+            .iter()
+            .map(|v| v["address"].as_str().unwrap())
+            .collect();
+        ensure!(
+            got == want,
+            "web.internal from a workload: {got:?}, want {want:?}"
+        );
+        // Logs merged across machines: the request A made shows up.
+        let logs = uc_ok(c, 2, &["logs", "web"])?;
+        ensure!(logs.contains(a_addr), "uc logs web: {logs}");
+
+        uc_ok(c, 2, &["rm", "web"])?;
+        eventually(WAIT, "nothing left of web", || {
+            ensure!(ps(c, 0)?.is_empty(), "ps not empty");
+            for i in 0..3 {
+                let m = c.machine(i);
+                let dirs: Vec<_> = std::fs::read_dir(m.data_dir.join("workloads"))
+                    .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+                ensure!(dirs.is_empty(), "{}: workload dirs left: {dirs:?}", m.name);
+                let mounts = mounts_under(&m.data_dir);
+                ensure!(mounts.is_empty(), "{}: mounts left: {mounts:?}", m.name);
+                let links = workload_links(c, i)?;
+                ensure!(links.is_empty(), "{}: links left: {links:?}", m.name);
+                let procs = processes_mentioning(m.data_dir.join("workloads").to_str().unwrap());
+                ensure!(procs.is_empty(), "{}: processes left: {procs:?}", m.name);
+            }
+            for v in &containers {
+                let cg = PathBuf::from("/sys/fs/cgroup/systemd/uc").join(v["id"].as_str().unwrap());
+                ensure!(!cg.exists(), "cgroup left: {}", cg.display());
+            }
+            Ok(())
+        })?;
+        Ok(())
+    })
+}
+
+#[test]
+fn kill9_of_an_agent_leaves_workloads_running_and_the_restart_adopts_them() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(2), |c| {
+        c.wait_membership()?;
+        import_demo(c, 0)?;
+        uc_ok(c, 0, &["run", "-n", "web", "-m", "m1", "demo"])?;
+        let before = ps(c, 0)?;
+        ensure!(
+            before.len() == 1 && before[0]["machine"] == "m1",
+            "{before:?}"
+        );
+        let id = before[0]["id"].as_str().unwrap().to_string();
+        let addr = before[0]["address"].as_str().unwrap().to_string();
+        let pid = before[0]["pid"].as_u64().context("pid")?;
+        ensure!(pid > 0, "no pid: {before:?}");
+
+        c.kill9(1)?;
+        // The workload still serves on its machine. (Across the mesh it waits for the agent:
+        // the userspace WireGuard backend runs inside the agent.)
+        let body = curl_from_machine(c, 1, &format!("http://{addr}/"))?;
+        ensure!(
+            body.contains("Hello from uc"),
+            "with m1's agent dead: {body:?}"
+        );
+        c.restart(1)?;
+        c.wait_ready(1)?;
+        let after = eventually(WAIT, "m1 reports its container", || {
+            let p = ps(c, 1)?;
+            ensure!(p.len() == 1 && p[0]["state"] == "running", "{p:?}");
+            Ok(p)
+        })?;
+        ensure!(after[0]["id"] == id.as_str(), "{after:?}");
+        ensure!(
+            after[0]["pid"].as_u64() == Some(pid),
+            "not adopted: pid {pid} -> {}",
+            after[0]["pid"]
+        );
+        ensure!(after[0]["restarts"] == 0, "restarted: {after:?}");
+        eventually(WAIT, "m0 reaches the workload over the mesh again", || {
+            let body = curl_from_machine(c, 0, &format!("http://{addr}/"))?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
+        let dirs = std::fs::read_dir(c.machine(1).data_dir.join("workloads"))?.count();
+        ensure!(dirs == 1, "{dirs} workload dirs on m1");
+
+        // A crash of the workload's process: restarted, with the same address.
+        let payload: Vec<i32> = uc_workload::cgroup::pids(&id)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "httpd")
+            })
+            .collect();
+        ensure!(!payload.is_empty(), "no httpd in the container's cgroup");
+        for p in payload {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+        eventually(WAIT, "the crashed workload runs again", || {
+            let p = ps(c, 0)?;
+            ensure!(p.len() == 1, "{p:?}");
+            ensure!(
+                p[0]["state"] == "running" && p[0]["restarts"].as_u64() >= Some(1),
+                "{p:?}"
+            );
+            let body = curl_from_machine(c, 0, &format!("http://{addr}/"))?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
+        Ok(())
+    })
+}
+
+#[test]
+fn bad_runs_are_refused_with_clear_errors_and_nothing_written() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(2), |c| {
+        c.wait_membership()?;
+        import_demo(c, 0)?;
+        uc_ok(c, 0, &["run", "-n", "taken", "demo"])?;
+        let services_before = c.dump(0)?["services"].clone();
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["run", "-n", "x", "nosuchimage"],
+                "image \"nosuchimage\" not found on any machine; images: demo",
+            ),
+            (
+                &["run", "-n", "x", "-m", "pi", "demo"],
+                "machine \"pi\" not found; machines: m0, m1",
+            ),
+            (
+                &["run", "-n", "x", "-p", "80/sctp", "demo"],
+                "protocol \"sctp\"",
+            ),
+            (
+                &["run", "-n", "x", "-p", "99999:80", "demo"],
+                "load balancer port \"99999\"",
+            ),
+            (
+                &["run", "-n", "taken", "demo"],
+                "service \"taken\" already exists",
+            ),
+            (
+                &["run", "-n", "x", "--runtime", "vm", "-m", "m1", "demo"],
+                "runtime vm is not available on machine \"m1\"",
+            ),
+            (
+                &["run", "-n", "x", "--memory", "100000g", "demo"],
+                "of memory free; the service asks for",
+            ),
+            (&["run", "-n", "Bad_Name", "demo"], "service name"),
+        ];
+        for (args, want) in cases {
+            let out = c.uc(0, args)?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            ensure!(!out.status.success(), "uc {args:?} succeeded");
+            ensure!(
+                err.contains(want),
+                "uc {args:?}: {err:?} does not say {want:?}"
+            );
+        }
+        ensure!(
+            c.dump(0)?["services"] == services_before,
+            "a refused run changed the state"
+        );
+        let p = ps(c, 0)?;
+        if p.len() != 1 {
+            bail!("containers: {p:?}");
+        }
+        Ok(())
+    })
+}
