@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # nftables: each local machine firewalls its underlay like a real one would.
-source scripts/deps.sh nftables iputils-ping
+# systemd-container: systemd-nspawn runs workloads.
+source scripts/deps.sh nftables iputils-ping systemd-container
+# The demo image `uc local up` imports (busybox, serves HTTP on port 80).
+[ -f /var/lib/uc/demo-image.tar ] || scripts/demo-image.sh /var/lib/uc/demo-image.tar
 machines="${UC_LOCAL_MACHINES:-3}"
 echo "building uc (release; the first build takes several minutes)"
 cargo build --release --locked -p uc-agent -p uc-cli

@@ -40,6 +40,29 @@ pub fn up(machines: usize, json: bool) -> anyhow::Result<()> {
             .base_dir(base_dir()),
     )
     .context("starting the local cluster")?;
+    // The demo image, so that a first `uc run demo` works; other machines fetch it over the mesh.
+    let demo = std::env::var_os("UC_DEMO_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/uc/demo-image.tar"));
+    let mut imported = false;
+    if demo.exists() {
+        let out = cluster
+            .uc(0, &["image", "import", &demo.display().to_string()])
+            .context("importing the demo image")?;
+        if !out.status.success() {
+            bail!(
+                "importing the demo image {}: {}",
+                demo.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        imported = true;
+    } else {
+        eprintln!(
+            "no demo image at {} (scripts/demo-image.sh makes it): the cluster has no images yet",
+            demo.display()
+        );
+    }
     let sockets: Vec<PathBuf> = (0..cluster.len())
         .map(|i| cluster.machine(i).socket.clone())
         .collect();
@@ -78,6 +101,9 @@ pub fn up(machines: usize, json: bool) -> anyhow::Result<()> {
             "context \"local\" selected in {}",
             context::path().display()
         );
+        if imported {
+            println!("image \"demo\" imported: try uc run -n web --replicas 2 demo");
+        }
         println!("try: uc machine ls");
     }
     Ok(())

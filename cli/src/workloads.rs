@@ -52,7 +52,7 @@ pub fn spec_of(a: &RunArgs) -> anyhow::Result<ServiceSpec> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     if let Some(c) = a.cpu
-        && !(c > 0.0)
+        && (c.is_nan() || c <= 0.0)
     {
         anyhow::bail!("--cpu {c} must be more than 0");
     }

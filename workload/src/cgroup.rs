@@ -52,10 +52,10 @@ pub fn enter(id: &str, pid: u32, memory: Option<u64>, cpu: Option<f64>) -> Vec<S
             } else {
                 ("memory.limit_in_bytes", m.to_string())
             };
-            if v2 || name == "memory" {
-                if let Err(e) = fs::write(dir.join(file), value) {
-                    problems.push(format!("setting {}/{file}: {e}", dir.display()));
-                }
+            if (v2 || name == "memory")
+                && let Err(e) = fs::write(dir.join(file), value)
+            {
+                problems.push(format!("setting {}/{file}: {e}", dir.display()));
             }
         }
         if let Some(c) = cpu {

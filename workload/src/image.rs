@@ -569,7 +569,7 @@ mod tests {
         assert_eq!(m.name, "demo");
         assert!(m.digest.starts_with("sha256:"));
         assert!(store.rootfs("demo").join("usr/lib/os-release").exists());
-        assert_eq!(store.list().unwrap(), [m.clone()]);
+        assert_eq!(store.list().unwrap(), std::slice::from_ref(&m));
 
         let mut out = Vec::new();
         store.export("demo", &mut out).unwrap();
