@@ -1,0 +1,199 @@
+//! Benchmark of workload start: from `uc run` to the first HTTP answer from the container over
+//! the mesh (the command given on one machine, the container placed on another, the answer
+//! fetched from the first), beside, in the same run, the bare tool starting the same image on
+//! the same machine: an overlayfs fork of the image's root filesystem and `systemd-nspawn
+//! --as-pid2` running the same HTTP server, until it answers on the machine itself. Prints a
+//! Markdown section and, with `--out`, writes it into docs/benchmarks.md between the
+//! `workloads` markers.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::Value;
+use uc_bench::percentile;
+use uc_e2e::{Cluster, ClusterBuilder, eventually};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 9)]
+    rounds: usize,
+    /// Markdown file to update (between `<!-- workloads:begin -->` and `<!-- workloads:end -->`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One HTTP GET; true on a 200.
+fn http_ok(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+}
+
+/// Polls from machine `i`'s namespace until `addr` answers; the seconds since `t0`.
+fn first_answer(c: &Cluster, i: usize, addr: SocketAddr, t0: Instant) -> anyhow::Result<f64> {
+    c.in_netns(i, || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_ok(addr) {
+                return Ok(t0.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        bail!("{addr} did not answer within 30 s")
+    })?
+}
+
+fn uc_json(c: &Cluster, i: usize, args: &[&str]) -> anyhow::Result<Value> {
+    let mut full = vec!["-o", "json"];
+    full.extend_from_slice(args);
+    let out = c.uc(i, &full)?;
+    if !out.status.success() {
+        bail!(
+            "uc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let image = uc_e2e::workloads::demo_image()?;
+    let c = Cluster::start(ClusterBuilder::new(2).tag("bwl"))?;
+    c.uc(0, &["image", "import", image.to_str().context("path")?])?;
+    // Warm-up: m1 fetches the image over the mesh once.
+    uc_json(&c, 0, &["run", "-n", "warm", "-m", "m1", "demo"])?;
+    uc_json(&c, 0, &["rm", "warm"])?;
+
+    let mut uc_times = Vec::new();
+    for r in 0..args.rounds {
+        let name = format!("b{r}");
+        let t0 = Instant::now();
+        let v = uc_json(&c, 0, &["run", "-d", "-n", &name, "-m", "m1", "demo"])?;
+        let addr: std::net::Ipv4Addr = v["containers"][0]["address"]
+            .as_str()
+            .context("no address")?
+            .parse()?;
+        let secs = first_answer(&c, 0, SocketAddr::from((addr, 80)), t0)?;
+        uc_times.push(secs);
+        uc_json(&c, 0, &["rm", &name])?;
+        eventually(Duration::from_secs(30), "removed", || {
+            let ps = uc_json(&c, 0, &["ps"])?;
+            if ps.as_array().is_some_and(|a| !a.is_empty()) {
+                bail!("still there");
+            }
+            Ok(())
+        })?;
+        eprintln!("uc round {r}: {:.0} ms", secs * 1e3);
+    }
+
+    // The bare tool on m1: overlay fork + systemd-nspawn, HTTP on the machine's own network.
+    let m1 = c.machine(1);
+    let rootfs = m1.data_dir.join("images/demo/rootfs");
+    let work = m1.data_dir.join("bare");
+    let mut bare_times = Vec::new();
+    for r in 0..args.rounds {
+        let _ = std::fs::remove_dir_all(&work);
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir_all(work.join(d))?;
+        }
+        let merged = work.join("merged");
+        let t0 = Instant::now();
+        let status = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                rootfs.display(),
+                work.join("upper").display(),
+                work.join("work").display()
+            ))
+            .arg(&merged)
+            .status()?;
+        if !status.success() {
+            bail!("mounting the overlay failed");
+        }
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", m1.netns))
+            .args([
+                "--",
+                "systemd-nspawn",
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--as-pid2",
+                "--console=pipe",
+                "--resolv-conf=off",
+                "--timezone=off",
+                "--link-journal=no",
+            ])
+            .arg(format!("--directory={}", merged.display()))
+            .args(["--", "httpd", "-f", "-p", "8080", "-h", "/var/www"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let secs = first_answer(&c, 1, "127.0.0.1:8080".parse()?, t0);
+        let _ = nix_kill_term(child.id());
+        let _ = child.wait();
+        let _ = Command::new("umount").arg(&merged).status();
+        let secs = secs?;
+        bare_times.push(secs);
+        eprintln!("bare round {r}: {:.0} ms", secs * 1e3);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    let (u, b) = (percentile(&uc_times, 50.0), percentile(&bare_times, 50.0));
+    let ratio = u / b;
+    let mut md = String::from(
+        "<!-- workloads:begin -->\n## Workloads: `uc run` to the first HTTP answer over the mesh (issue 5)\n\n",
+    );
+    md.push_str(&format!(
+        "_{} · `bench/workloads.sh --rounds {}` · release build · 2 namespace machines; the command on m0, the container placed on m1, the answer fetched from m0 over the mesh (userspace WireGuard) · the demo image (busybox httpd) · medians of {} rounds_\n\n",
+        uc_bench::date_utc(),
+        args.rounds,
+        args.rounds
+    ));
+    md.push_str("| runtime | uc: `uc run` to first answer | bare tool, same image, same machine | ratio |\n|---|---|---|---|\n");
+    md.push_str(&format!(
+        "| nspawn | {:.0} ms (p90 {:.0}) | {:.0} ms (p90 {:.0}): overlay fork + `systemd-nspawn --as-pid2`, answer on the machine itself | {ratio:.2}x |\n",
+        u * 1e3,
+        percentile(&uc_times, 90.0) * 1e3,
+        b * 1e3,
+        percentile(&bare_times, 90.0) * 1e3,
+    ));
+    md.push_str("| docker | not built yet | | |\n\n");
+    md.push_str(&format!(
+        "uc's figure adds to the bare one: the API call and the write of the service and its placement to the replicated state, the reconciler on m1 seeing it, a network namespace with a veth on the machine's bridge and its fixed address, the shim, and the answer's trip over the mesh. Targets: nspawn no more than 1.3x bare nspawn ({}) and under 200 ms ({}).\n",
+        if ratio <= 1.3 { "met" } else { "NOT met" },
+        if u < 0.2 { "met" } else { "NOT met" }
+    ));
+    md.push_str("<!-- workloads:end -->");
+    print!("{md}");
+    if let Some(out) = &args.out {
+        uc_bench::splice(out, "workloads", &md)?;
+    }
+    Ok(())
+}
+
+fn nix_kill_term(pid: u32) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
