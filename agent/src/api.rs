@@ -60,13 +60,7 @@ impl ApiService {
 
     /// Where machine `m`'s peer API listens: its management address.
     fn peer_api_of(&self, m: &uc_crdt::Machine) -> Result<String, Status> {
-        let mesh = self
-            .node
-            .mesh
-            .get()
-            .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
-        let ip = mesh.management_of(m.id.as_str());
-        Ok(std::net::SocketAddr::new(ip.into(), self.node.config.peer_port).to_string())
+        crate::services::peer_addr(&self.node, &m.id)
     }
 
     fn machine_not_found(&self, name: &str) -> Status {

@@ -141,7 +141,7 @@ pub async fn start(
             KEY_IMAGES.to_string(),
             node.workloads
                 .get()
-                .map(|w| w.images_text())
+                .map(|w| w.subscribe_images().borrow().clone())
                 .unwrap_or_default(),
         ),
         (
@@ -164,7 +164,7 @@ pub async fn start(
     tracker.spawn(async move {
         let node = publisher;
         let mut load_tick = tokio::time::interval(Duration::from_secs(5));
-        let mut images_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut images_rx = node.workloads.get().map(|w| w.subscribe_images());
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -173,15 +173,15 @@ pub async fn start(
                     let heads = heads_rx.borrow_and_update().clone();
                     chitchat.lock().await.self_node_state().set(KEY_HEADS, heads);
                 }
-                _ = images_tick.tick() => {
-                    // The image store changes on import and fetch; a listing is cheap.
-                    if let Some(w) = node.workloads.get() {
-                        let images = w.images_text();
-                        let mut c = chitchat.lock().await;
-                        if c.self_node_state().get(KEY_IMAGES).unwrap_or("") != images {
-                            c.self_node_state().set(KEY_IMAGES, images);
-                        }
+                changed = async {
+                    match images_rx.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
                     }
+                } => {
+                    if changed.is_err() { break; }
+                    let images = images_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
+                    chitchat.lock().await.self_node_state().set(KEY_IMAGES, images.unwrap_or_default());
                 }
                 _ = load_tick.tick() => {
                     let learned = node.mesh.get().map(|m| m.learned_text()).unwrap_or_default();

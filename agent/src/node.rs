@@ -284,6 +284,23 @@ impl Node {
         self.peers_changed_tx.subscribe()
     }
 
+    /// Where machine `id`'s peer API listens: its management address on the
+    /// mesh. `None` until the mesh interface is up.
+    pub fn peer_api_addr(&self, id: &MachineId) -> Option<SocketAddr> {
+        let mesh = self.mesh.get()?;
+        Some(SocketAddr::new(
+            mesh.management_of(id.as_str()).into(),
+            self.config.peer_port,
+        ))
+    }
+
+    /// This machine's workloads, once started; else the API's "unavailable".
+    pub fn workloads(&self) -> Result<std::sync::Arc<crate::workloads::Workloads>, tonic::Status> {
+        self.workloads.get().cloned().ok_or_else(|| {
+            tonic::Status::unavailable("workloads are not started yet on this machine")
+        })
+    }
+
     pub fn peers(&self) -> HashMap<MachineId, PeerInfo> {
         self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -117,7 +117,7 @@ impl Peer for PeerService {
         &self,
         _: Request<ListWorkloadsRequest>,
     ) -> Result<Response<ListWorkloadsResponse>, Status> {
-        let w = workloads(&self.node)?;
+        let w = self.node.workloads()?;
         Ok(Response::new(ListWorkloadsResponse {
             workloads: w.statuses().await,
             runtimes: w
@@ -135,7 +135,7 @@ impl Peer for PeerService {
         request: Request<LogsRequest>,
     ) -> Result<Response<Self::WorkloadLogsStream>, Status> {
         let r = request.into_inner();
-        let w = workloads(&self.node)?;
+        let w = self.node.workloads()?;
         let ids: Vec<uc_proto::ContainerId> = r
             .container_ids
             .iter()
@@ -209,7 +209,7 @@ impl Peer for PeerService {
         request: Request<FetchImageRequest>,
     ) -> Result<Response<Self::FetchImageStream>, Status> {
         let name = request.into_inner().name;
-        let w = workloads(&self.node)?;
+        let w = self.node.workloads()?;
         w.images
             .require(&name)
             .map_err(|e| Status::not_found(e.to_string()))?;
@@ -229,13 +229,6 @@ impl Peer for PeerService {
         let stream = ReceiverStream::new(rx).map(|data| Ok(Chunk { data }));
         Ok(Response::new(Box::pin(stream)))
     }
-}
-
-fn workloads(node: &Node) -> Result<Arc<crate::workloads::Workloads>, Status> {
-    node.workloads
-        .get()
-        .cloned()
-        .ok_or_else(|| Status::unavailable("workloads are not started yet on this machine"))
 }
 
 /// This machine's `uc wg show`.

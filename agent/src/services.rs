@@ -3,7 +3,6 @@
 //! `uc logs` (merged across machines), `uc image import|ls`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -21,22 +20,11 @@ use crate::token;
 /// Largest number of replicas one service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
 
-fn workloads(node: &Node) -> Result<Arc<crate::workloads::Workloads>, Status> {
-    node.workloads
-        .get()
-        .cloned()
-        .ok_or_else(|| Status::unavailable("workloads are not started yet on this machine"))
-}
-
-fn peer_addr(node: &Node, m: &MachineId) -> Result<String, Status> {
-    let mesh = node
-        .mesh
-        .get()
-        .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
-    Ok(
-        std::net::SocketAddr::new(mesh.management_of(m.as_str()).into(), node.config.peer_port)
-            .to_string(),
-    )
+/// Machine `m`'s peer API address, or the API's "unavailable" while the mesh is not up.
+pub fn peer_addr(node: &Node, m: &MachineId) -> Result<String, Status> {
+    node.peer_api_addr(m)
+        .map(|a| a.to_string())
+        .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))
 }
 
 /// The machines as placement sees them: the document's active machines, with
@@ -123,13 +111,14 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
         )));
     }
     // The image must be somewhere: here, or on a live machine that says so.
-    let here = workloads(node)?.images.get(&spec.image).is_some();
+    let here = node.workloads()?.images.get(&spec.image).is_some();
     let peers = node.peers();
     let elsewhere = peers
         .values()
         .any(|p| p.liveness == Liveness::Live && p.images.iter().any(|i| i == &spec.image));
     if !here && !elsewhere {
-        let mut known: BTreeSet<String> = workloads(node)?
+        let mut known: BTreeSet<String> = node
+            .workloads()?
             .images
             .list()
             .unwrap_or_default()
@@ -431,7 +420,7 @@ pub async fn import_image(
     node: &Node,
     mut s: Streaming<ImportImageChunk>,
 ) -> Result<ImageInfo, Status> {
-    let w = workloads(node)?;
+    let w = node.workloads()?;
     let first = s
         .message()
         .await?
@@ -475,6 +464,7 @@ pub async fn import_image(
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    w.images_changed();
     tracing::info!(image = %meta.name, bytes = meta.size_bytes, "image imported");
     Ok(info(&meta, vec![node.config.name.clone()]))
 }
@@ -521,7 +511,7 @@ fn info(m: &uc_workload::image::ImageMeta, machines: Vec<String>) -> ImageInfo {
 
 /// This machine's images in full, and which other machines say they have them.
 pub fn list_images(node: &Node) -> Result<ListImagesResponse, Status> {
-    let w = workloads(node)?;
+    let w = node.workloads()?;
     let names: BTreeMap<MachineId, String> =
         node.read(|doc| doc.machines().into_iter().map(|m| (m.id, m.name)).collect());
     let mut out: BTreeMap<String, ImageInfo> = BTreeMap::new();

@@ -34,6 +34,9 @@ pub struct Workloads {
     /// The last error making or starting a container (shown by `uc ps`).
     errors: Mutex<BTreeMap<ContainerId, String>>,
     kick: Notify,
+    /// The names of the images here, as gossip carries them; sent again after an import or a
+    /// fetch, so that gossip learns of it without watching the store.
+    images_tx: tokio::sync::watch::Sender<String>,
     /// Serializes reconciliation passes.
     pass: tokio::sync::Mutex<()>,
 }
@@ -69,8 +72,10 @@ impl Workloads {
                 }
             }
         }
+        let (images_tx, _) = tokio::sync::watch::channel(images_text(&images));
         Arc::new(Workloads {
             node,
+            images_tx,
             images,
             runtimes,
             available,
@@ -91,15 +96,19 @@ impl Workloads {
             .join(",")
     }
 
-    /// The names of the images here, as gossip carries them.
-    pub fn images_text(&self) -> String {
-        self.images
-            .list()
-            .unwrap_or_default()
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
+    /// The names of the images here, as gossip carries them, now and after every change.
+    pub fn subscribe_images(&self) -> tokio::sync::watch::Receiver<String> {
+        self.images_tx.subscribe()
+    }
+
+    /// Tells gossip that the image store changed (an import or a fetch).
+    pub fn images_changed(&self) {
+        let text = images_text(&self.images);
+        self.images_tx.send_if_modified(|old| {
+            let changed = *old != text;
+            *old = text;
+            changed
+        });
     }
 
     fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
@@ -445,17 +454,12 @@ impl Workloads {
                 "image {name:?} is on no live machine of the cluster (uc image import it)"
             );
         }
-        let mesh = self
-            .node
-            .mesh
-            .get()
-            .ok_or_else(|| anyhow::anyhow!("the mesh is not up"))?;
         let mut last = None;
         for m in holders {
-            let addr = std::net::SocketAddr::new(
-                mesh.management_of(m.as_str()).into(),
-                self.node.config.peer_port,
-            );
+            let addr = self
+                .node
+                .peer_api_addr(&m)
+                .ok_or_else(|| anyhow::anyhow!("the mesh is not up"))?;
             let t = std::time::Instant::now();
             match self.fetch_from(&addr.to_string(), name).await {
                 Ok(meta) => {
@@ -486,8 +490,21 @@ impl Workloads {
             }
         }
         drop(tx);
-        Ok(import.await??)
+        let meta = import.await??;
+        self.images_changed();
+        Ok(meta)
     }
+}
+
+/// The names of the images in `store`, comma-separated.
+fn images_text(store: &ImageStore) -> String {
+    store
+        .list()
+        .unwrap_or_default()
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A digest of what a container is made from: a change makes it again.

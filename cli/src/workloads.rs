@@ -10,6 +10,7 @@ use uc_proto::spec::{Mode, PortSpec, RuntimeKind, ServiceSpec, parse_memory};
 use uc_proto::v1::*;
 
 use crate::client::{Api, status_error};
+use crate::output::table;
 
 /// What `uc run` was given.
 pub struct RunArgs {
@@ -203,27 +204,6 @@ fn ago(ms: u64) -> String {
         s if s < 7200 => format!("{}m", s / 60),
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86400),
-    }
-}
-
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{:w$}", c, w = w[i]))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
     }
 }
 

@@ -58,16 +58,7 @@ pub fn cleanup(data_dir: &Path) -> Vec<String> {
         uc_workload::cgroup::remove(id);
     }
     // Every mount under the data directory, deepest first.
-    let Some(prefix) = data_dir.to_str() else {
-        return problems;
-    };
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(prefix))
-        .map(str::to_owned)
-        .collect();
+    let mut mounts = mounts_under(data_dir);
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {
         if let Err(e) = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH) {

@@ -70,6 +70,11 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
     }
 }
 
+/// Whether this network namespace has a link called `name`.
+pub async fn has_link(name: &str) -> Result<bool, NetError> {
+    Ok(link_index(&handle()?, name).await?.is_some())
+}
+
 /// Makes sure the bridge exists, is up, and has exactly `gateway/prefix` as
 /// its IPv4 address (a machine moved to another /24 swaps it); turns on IPv4
 /// forwarding, which routing between the bridge and the mesh needs.

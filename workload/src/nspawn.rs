@@ -221,7 +221,7 @@ impl Nspawn {
             net::create_netns(&ns)?;
         }
         let host_if = net::host_ifname(w.id.as_str());
-        if !has_link(&host_if).await {
+        if !net::has_link(&host_if).await? {
             net::attach(&ns, &host_if, w.address, w.prefix, w.gateway, WORKLOAD_MTU).await?;
         }
         if let Some(mut m) = self.dirs.read_meta(&w.id) {
@@ -230,18 +230,6 @@ impl Nspawn {
         }
         self.spawn_shim(w).await
     }
-}
-
-/// `/sys/class/net` shows the namespace sysfs was mounted in, which is not
-/// always the agent's; ask netlink.
-async fn has_link(name: &str) -> bool {
-    let Ok((conn, h, _)) = rtnetlink::new_connection() else {
-        return false;
-    };
-    tokio::spawn(conn);
-    use futures::TryStreamExt;
-    let mut l = h.link().get().match_name(name.to_string()).execute();
-    matches!(l.try_next().await, Ok(Some(_)))
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -152,16 +152,6 @@ impl WorkloadDirs {
             .collect()
     }
 
-    /// Ids of directories whatever their state (a crash may leave one without meta.json).
-    pub fn ids(&self) -> Vec<ContainerId> {
-        let Ok(rd) = fs::read_dir(&self.root) else {
-            return Vec::new();
-        };
-        rd.flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<ContainerId>().ok())
-            .collect()
-    }
-
     /// The shim's pid if it still runs (checked against its command line, so
     /// a reused pid is not taken for it).
     pub fn live_shim(&self, id: &ContainerId) -> Option<u32> {
