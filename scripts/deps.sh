@@ -22,8 +22,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Something on some machines cleans /tmp while apt runs: give apt its own TMPDIR.
   export TMPDIR; TMPDIR=$(mktemp -d /var/tmp/uc-apt.XXXXXX)
   export DEBIAN_FRONTEND=noninteractive
+  # Packages such as docker.io and openssh-server start their daemon when installed. uc
+  # starts what it needs itself (the tests run their own dockerd inside a network
+  # namespace); a daemon started here would change this machine's firewall. So, unless
+  # the machine has its own policy, no service starts while apt runs.
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    own_policy=1
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+  fi
+  trap '[ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d' EXIT
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
   rm -rf "$TMPDIR"
 fi
 

@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 # openssh-server, openssh-client: the e2e SSH lab (hosts run sshd, the laptop ssh);
 # systemd: systemd-analyze checks the unit that `uc machine init|add` installs;
 # python3: the SSH tests hold ports on a host with it; dnsutils: dig asks the DNS server.
-# systemd-container: systemd-nspawn runs workloads. The demo image is built from Debian's
+# systemd-container: systemd-nspawn runs workloads; docker.io, iptables: a test machine runs its
+# own dockerd (inside its namespace) for the Docker runtime. The demo image is built from Debian's
 # busybox-static (scripts/demo-image.sh downloads it).
 source scripts/deps.sh nftables iputils-ping openssh-server openssh-client systemd python3 dnsutils \
-  systemd-container
+  systemd-container docker.io iptables
 export UC_DEMO_IMAGE="${UC_DEMO_IMAGE:-${XDG_CACHE_HOME:-$HOME/.cache}/uc/demo-image.tar}"
 [ -f "$UC_DEMO_IMAGE" ] || scripts/demo-image.sh "$UC_DEMO_IMAGE"
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -61,6 +61,12 @@ pub struct Args {
     /// the nameservers of /etc/resolv.conf).
     #[arg(long = "dns-upstream")]
     pub dns_upstreams: Vec<String>,
+    /// The Docker engine that runs this machine's Docker containers (`unix:///PATH` or a
+    /// socket path; default: $DOCKER_HOST if it is a unix socket, else
+    /// unix:///var/run/docker.sock). Without an engine there, the Docker runtime is
+    /// reported unavailable on this machine.
+    #[arg(long)]
+    pub docker_host: Option<String>,
     /// Gossip round interval in milliseconds.
     #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
@@ -133,6 +139,7 @@ struct FileConfig {
     wg_threads: Option<usize>,
     dns_port: Option<u16>,
     dns_upstreams: Option<Vec<String>>,
+    docker_host: Option<String>,
     gossip_interval_ms: Option<u64>,
     endpoints: Option<Vec<String>>,
     tags: Option<Vec<String>>,
@@ -167,6 +174,7 @@ pub struct Config {
     pub wg_threads: usize,
     pub dns_port: u16,
     pub dns_upstreams: Vec<SocketAddr>,
+    pub docker_host: String,
     pub gossip_interval: Duration,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
@@ -340,6 +348,15 @@ impl Args {
             wg_threads,
             dns_port: self.dns_port.or(file.dns_port).unwrap_or(53),
             dns_upstreams,
+            docker_host: self
+                .docker_host
+                .or(file.docker_host)
+                .or_else(|| {
+                    std::env::var("DOCKER_HOST")
+                        .ok()
+                        .filter(|h| h.starts_with("unix://"))
+                })
+                .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
             gossip_interval,
             endpoints,
             tags,

@@ -134,7 +134,7 @@ pub async fn start(
             KEY_RUNTIMES.to_string(),
             node.workloads
                 .get()
-                .map(|w| w.runtimes_text())
+                .map(|w| w.subscribe_runtimes().borrow().clone())
                 .unwrap_or_default(),
         ),
         (
@@ -165,6 +165,7 @@ pub async fn start(
         let node = publisher;
         let mut load_tick = tokio::time::interval(Duration::from_secs(5));
         let mut images_rx = node.workloads.get().map(|w| w.subscribe_images());
+        let mut runtimes_rx = node.workloads.get().map(|w| w.subscribe_runtimes());
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -182,6 +183,16 @@ pub async fn start(
                     if changed.is_err() { break; }
                     let images = images_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
                     chitchat.lock().await.self_node_state().set(KEY_IMAGES, images.unwrap_or_default());
+                }
+                changed = async {
+                    match runtimes_rx.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if changed.is_err() { break; }
+                    let text = runtimes_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
+                    chitchat.lock().await.self_node_state().set(KEY_RUNTIMES, text.unwrap_or_default());
                 }
                 _ = load_tick.tick() => {
                     let learned = node.mesh.get().map(|m| m.learned_text()).unwrap_or_default();

@@ -121,7 +121,7 @@ impl Peer for PeerService {
         Ok(Response::new(ListWorkloadsResponse {
             workloads: w.statuses().await,
             runtimes: w
-                .available
+                .available()
                 .iter()
                 .map(|(k, a)| (k.to_string(), a.clone().err().unwrap_or_default()))
                 .collect(),
@@ -158,7 +158,7 @@ impl Peer for PeerService {
             loop {
                 let mut batch = Vec::new();
                 for id in &ids {
-                    let lines = w.logs(id, if first { tail } else { 10_000 });
+                    let lines = w.logs(id, if first { tail } else { 10_000 }).await;
                     let after = last.get(id).copied();
                     for l in lines {
                         if after.is_some_and(|a| l.at_ms <= a) {
@@ -216,7 +216,7 @@ impl Peer for PeerService {
         let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
         let images = w.images.clone();
         tokio::task::spawn_blocking(move || {
-            let mut out = crate::workloads::ChannelWriter {
+            let mut out = uc_workload::image::ChannelWriter {
                 tx,
                 buf: Vec::new(),
             };

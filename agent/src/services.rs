@@ -42,7 +42,7 @@ fn candidates(node: &Node) -> Vec<Candidate> {
                 live: own || p.is_some_and(|p| p.liveness == Liveness::Live),
                 runtimes: if own {
                     me.map(|w| {
-                        w.available
+                        w.available()
                             .iter()
                             .filter(|(_, a)| a.is_ok())
                             .map(|(k, _)| *k)

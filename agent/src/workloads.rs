@@ -27,8 +27,11 @@ pub struct Workloads {
     node: Arc<Node>,
     pub images: ImageStore,
     runtimes: Vec<Arc<dyn Runtime>>,
-    /// Each runtime kind: Ok, or why it does not work here.
-    pub available: BTreeMap<RuntimeKind, Result<(), String>>,
+    /// Each runtime kind: Ok, or why it does not work here (probed again every
+    /// [`REPROBE`]).
+    available: std::sync::RwLock<BTreeMap<RuntimeKind, Result<(), String>>>,
+    /// [`runtimes_text`] of `available`, for gossip.
+    runtimes_tx: tokio::sync::watch::Sender<String>,
     /// Restart backoff per crashed container, and the exit it was computed for.
     backoff: Mutex<BTreeMap<ContainerId, (Backoff, u64)>>,
     /// The last error making or starting a container (shown by `uc ps`).
@@ -41,6 +44,32 @@ pub struct Workloads {
     pass: tokio::sync::Mutex<()>,
 }
 
+/// How often the runtimes are asked again whether they work here.
+const REPROBE: Duration = Duration::from_secs(10);
+
+/// Each runtime kind: Ok, or why it does not work here.
+async fn probe(runtimes: &[Arc<dyn Runtime>]) -> BTreeMap<RuntimeKind, Result<(), String>> {
+    let mut available = BTreeMap::new();
+    for kind in RuntimeKind::ALL {
+        let a = match runtimes.iter().find(|r| r.kind() == kind) {
+            Some(r) => r.available().await,
+            None => Err("not built into this version of ucd".into()),
+        };
+        available.insert(kind, a);
+    }
+    available
+}
+
+/// The runtimes that work, as gossip carries them: `nspawn,docker`.
+fn runtimes_text(available: &BTreeMap<RuntimeKind, Result<(), String>>) -> String {
+    available
+        .iter()
+        .filter(|(_, a)| a.is_ok())
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// How long a stopped workload gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -50,35 +79,32 @@ impl Workloads {
         let images = ImageStore::new(data.join("images"));
         let dirs = WorkloadDirs::new(data.join("workloads"));
         let shim_exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("ucd"));
-        let all: Vec<Arc<dyn Runtime>> = vec![Arc::new(uc_workload::nspawn::Nspawn::new(
-            images.clone(),
-            dirs,
-            shim_exe,
-        ))];
-        let mut available = BTreeMap::new();
-        let mut runtimes = Vec::new();
-        for kind in RuntimeKind::ALL {
-            match all.iter().find(|r| r.kind() == kind) {
-                Some(r) => {
-                    let a = r.available().await;
-                    if let Err(why) = &a {
-                        tracing::info!(runtime = %kind, why = %why, "runtime unavailable");
-                    }
-                    available.insert(kind, a);
-                    runtimes.push(r.clone());
-                }
-                None => {
-                    available.insert(kind, Err("not built into this version of ucd".into()));
-                }
-            }
-        }
+        let all: Vec<Arc<dyn Runtime>> = vec![
+            Arc::new(uc_workload::nspawn::Nspawn::new(
+                images.clone(),
+                dirs,
+                shim_exe,
+            )),
+            Arc::new(uc_workload::docker::Docker::new(
+                node.config.docker_host.clone(),
+                images.clone(),
+                node.config.wg_interface.clone(),
+            )),
+        ];
+        let runtimes: Vec<Arc<dyn Runtime>> = RuntimeKind::ALL
+            .iter()
+            .filter_map(|k| all.iter().find(|r| r.kind() == *k).cloned())
+            .collect();
+        let available = probe(&runtimes).await;
+        let (runtimes_tx, _) = tokio::sync::watch::channel(runtimes_text(&available));
         let (images_tx, _) = tokio::sync::watch::channel(images_text(&images));
         Arc::new(Workloads {
             node,
             images_tx,
             images,
             runtimes,
-            available,
+            available: std::sync::RwLock::new(available),
+            runtimes_tx,
             backoff: Mutex::default(),
             errors: Mutex::default(),
             kick: Notify::new(),
@@ -86,14 +112,34 @@ impl Workloads {
         })
     }
 
-    /// The runtimes that work here, as gossip carries them: `nspawn,docker`.
-    pub fn runtimes_text(&self) -> String {
+    /// Each runtime kind: Ok, or why it does not work here.
+    pub fn available(&self) -> BTreeMap<RuntimeKind, Result<(), String>> {
         self.available
-            .iter()
-            .filter(|(_, a)| a.is_ok())
-            .map(|(k, _)| k.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The runtimes that work here, as gossip carries them (`nspawn,docker`), now and after
+    /// every change.
+    pub fn subscribe_runtimes(&self) -> tokio::sync::watch::Receiver<String> {
+        self.runtimes_tx.subscribe()
+    }
+
+    /// Asks every runtime again whether it works here: a Docker engine installed or
+    /// started after the agent is found, one that went away is reported.
+    pub async fn reprobe(&self) {
+        let now = probe(&self.runtimes).await;
+        let text = runtimes_text(&now);
+        *self.available.write().unwrap_or_else(|p| p.into_inner()) = now;
+        self.runtimes_tx.send_if_modified(|old| {
+            let changed = *old != text;
+            if changed {
+                tracing::info!(runtimes = %text, "the runtimes that work here changed");
+            }
+            *old = text;
+            changed
+        });
     }
 
     /// The names of the images here, as gossip carries them, now and after every change.
@@ -112,7 +158,13 @@ impl Workloads {
     }
 
     fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
-        if self.available.get(&kind).is_some_and(|a| a.is_ok()) {
+        let ok = self
+            .available
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&kind)
+            .is_some_and(|a| a.is_ok());
+        if ok {
             self.runtimes.iter().find(|r| r.kind() == kind)
         } else {
             None
@@ -127,7 +179,9 @@ impl Workloads {
     pub fn spawn(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
         let me = self.clone();
         let mut heads = self.node.subscribe_heads();
+        let stop = shutdown.clone();
         tracker.spawn(async move {
+            let shutdown = stop;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -145,6 +199,22 @@ impl Workloads {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = me.reconcile_once() => {}
+                }
+            }
+        });
+        let me = self.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(REPROBE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = me.reprobe() => me.kick(),
                 }
             }
         });
@@ -192,12 +262,14 @@ impl Workloads {
         out
     }
 
-    pub fn logs(&self, id: &ContainerId, n: usize) -> Vec<uc_workload::shim::LogLine> {
-        self.runtimes
-            .iter()
-            .map(|r| r.logs(id, n))
-            .find(|l| !l.is_empty())
-            .unwrap_or_default()
+    pub async fn logs(&self, id: &ContainerId, n: usize) -> Vec<uc_workload::shim::LogLine> {
+        for r in &self.runtimes {
+            let lines = r.logs(id, n).await;
+            if !lines.is_empty() {
+                return lines;
+            }
+        }
+        Vec::new()
     }
 
     fn set_error(&self, id: &ContainerId, e: Option<String>) {
@@ -371,7 +443,7 @@ impl Workloads {
                 let Some(w) = workloads.get(&id) else { return };
                 let Some(rt) = self.runtime(w.spec.runtime) else {
                     let why = self
-                        .available
+                        .available()
                         .get(&w.spec.runtime)
                         .and_then(|a| a.clone().err())
                         .unwrap_or_default();
@@ -545,32 +617,5 @@ impl std::io::Read for ChannelReader {
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
-    }
-}
-
-/// A writer that sends what it is given as chunks (an image export, out to gRPC).
-pub struct ChannelWriter {
-    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    pub buf: Vec<u8>,
-}
-
-pub const CHUNK: usize = 256 * 1024;
-
-impl std::io::Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            let b = std::mem::take(&mut self.buf);
-            self.tx.blocking_send(b).map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone")
-            })?;
-        }
-        Ok(())
     }
 }

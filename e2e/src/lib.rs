@@ -11,6 +11,7 @@
 //! packet goes anywhere but loopback or a namespace this crate made.
 
 mod cluster;
+pub mod dockerd;
 pub mod netns;
 pub mod process;
 pub mod sshlab;

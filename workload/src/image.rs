@@ -273,10 +273,29 @@ impl ImageStore {
 
     /// Writes the image as a tarball: its metadata first, then the root filesystem.
     pub fn export(&self, name: &str, w: impl Write) -> Result<(), ImageError> {
+        self.write_tar(name, w, true)
+    }
+
+    /// Writes the image's root filesystem alone as a tarball (what `docker import` takes).
+    pub fn export_rootfs(&self, name: &str, w: impl Write) -> Result<(), ImageError> {
+        self.write_tar(name, w, false)
+    }
+
+    fn write_tar(&self, name: &str, w: impl Write, with_meta: bool) -> Result<(), ImageError> {
         let meta = self.require(name)?;
         let rootfs = self.rootfs(name);
         let mut b = tar::Builder::new(w);
         b.follow_symlinks(false);
+        if with_meta {
+            Self::append_meta(&mut b, &meta).map_err(io_err("exporting", &rootfs))?;
+        }
+        b.append_dir_all(".", &rootfs)
+            .map_err(io_err("exporting", &rootfs))?;
+        b.finish().map_err(io_err("exporting", &rootfs))?;
+        Ok(())
+    }
+
+    fn append_meta(b: &mut tar::Builder<impl Write>, meta: &ImageMeta) -> std::io::Result<()> {
         let text = serde_json::to_vec(&meta).expect("meta serializes");
         let mut h = tar::Header::new_gnu();
         h.set_size(text.len() as u64);
@@ -286,11 +305,6 @@ impl ImageStore {
         h.set_mtime(meta.created_ms / 1000);
         h.set_cksum();
         b.append_data(&mut h, EXPORT_META, text.as_slice())
-            .map_err(io_err("exporting", &rootfs))?;
-        b.append_dir_all(".", &rootfs)
-            .map_err(io_err("exporting", &rootfs))?;
-        b.finish().map_err(io_err("exporting", &rootfs))?;
-        Ok(())
     }
 
     pub fn remove(&self, name: &str) -> Result<(), ImageError> {
@@ -525,6 +539,33 @@ impl<R: Read> Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         self.ctx.update(&buf[..n]);
         Ok(n)
+    }
+}
+
+/// A writer that sends what it is given as chunks (an image export, out to gRPC).
+pub struct ChannelWriter {
+    pub tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub buf: Vec<u8>,
+}
+
+pub const CHUNK: usize = 256 * 1024;
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let b = std::mem::take(&mut self.buf);
+            self.tx.blocking_send(b).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "receiver gone")
+            })?;
+        }
+        Ok(())
     }
 }
 

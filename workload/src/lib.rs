@@ -1,9 +1,11 @@
 //! Workloads on one machine: the pure cores of placement (`place`) and
 //! reconciliation (`reconcile`), and the I/O around them: the image store,
 //! the machine's workload bridge and per-workload network namespaces, the
-//! shim that runs a workload's process, its cgroups, and the runtimes.
+//! shim that runs a workload's process, its cgroups, and the runtimes
+//! (systemd-nspawn and Docker).
 
 pub mod cgroup;
+pub mod docker;
 pub mod image;
 pub mod net;
 pub mod nspawn;

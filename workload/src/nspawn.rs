@@ -404,7 +404,7 @@ impl Runtime for Nspawn {
         }
     }
 
-    fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine> {
+    async fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine> {
         shim::tail(&self.dirs.dir(id), n)
     }
 }

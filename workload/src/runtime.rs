@@ -112,7 +112,7 @@ pub trait Runtime: Send + Sync {
     /// Stops it and deletes all it has: processes, mounts, links, files.
     async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError>;
     /// The last `n` lines of its output.
-    fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine>;
+    async fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine>;
 }
 
 /// The workloads directory of a machine.

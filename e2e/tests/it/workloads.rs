@@ -1,7 +1,8 @@
 //! Workloads on namespace machines: `uc run` places nspawn containers of the demo image, they
 //! serve HTTP over the mesh to workloads on other machines, `uc rm` leaves nothing behind, an
 //! agent killed with -9 leaves its workloads running and adopts them when it restarts, a
-//! crashed workload is restarted, and bad input is refused with nothing written.
+//! crashed workload is restarted, and bad input is refused with nothing written. A machine that
+//! runs its own dockerd runs Docker containers on the same mesh.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
+use uc_e2e::dockerd::{Dockerd, HostNetFacts};
 use uc_e2e::workloads::{demo_image, mounts_under, processes_mentioning};
 use uc_e2e::{Cluster, ClusterBuilder, eventually};
 
@@ -333,4 +335,180 @@ fn bad_runs_are_refused_with_clear_errors_and_nothing_written() -> anyhow::Resul
         }
         Ok(())
     })
+}
+
+/// Docker containers of the engine in the container's machine, with the uc label.
+fn docker_containers(d: &Dockerd) -> anyhow::Result<Vec<String>> {
+    let out = d.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
+    ensure!(out.status.success(), "docker ps: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect())
+}
+
+#[test]
+fn a_docker_service_on_a_machine_with_its_own_dockerd_serves_over_the_mesh() -> anyhow::Result<()> {
+    let host_before = HostNetFacts::read();
+    let dir = Dockerd::new_dir()?;
+    let host = Dockerd::host_of(&dir);
+    let result = with_cluster(
+        ClusterBuilder::new(3).machine_args(2, &["--docker-host", &host]),
+        |c| {
+            c.wait_membership()?;
+            import_demo(c, 0)?;
+            // No engine on m0: the runtime is unavailable there, and a run says so.
+            let out = c.uc(
+                0,
+                &["run", "-n", "x", "--runtime", "docker", "-m", "m0", "demo"],
+            )?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            ensure!(
+                !out.status.success()
+                    && err.contains("runtime docker is not available on machine \"m0\""),
+                "{err:?}"
+            );
+            // m2's engine starts after its agent: the agent finds it on its own.
+            let mut d = Dockerd::start(&c.machine(2).netns, &dir)?;
+            eventually(WAIT, "m2's agent finds its Docker engine", || {
+                let out = c.uc(
+                    0,
+                    &[
+                        "run",
+                        "-n",
+                        "dweb",
+                        "--runtime",
+                        "docker",
+                        "-m",
+                        "m2",
+                        "demo",
+                    ],
+                )?;
+                let err = String::from_utf8_lossy(&out.stderr);
+                if !out.status.success() && !err.contains("not available") {
+                    return Err(uc_e2e::Fatal(format!("uc run: {err}")).into());
+                }
+                ensure!(out.status.success(), "{err}");
+                Ok(())
+            })?;
+            let p = ps(c, 0)?;
+            ensure!(p.len() == 1, "{p:?}");
+            let (id, addr) = (
+                p[0]["id"].as_str().context("id")?.to_string(),
+                p[0]["address"].as_str().context("address")?.to_string(),
+            );
+            ensure!(
+                p[0]["state"] == "running" && p[0]["machine"] == "m2",
+                "{p:?}"
+            );
+            ensure!(
+                docker_containers(&d)?.len() == 1,
+                "not one Docker container"
+            );
+            // Every machine reaches it by its mesh address.
+            for i in 0..3 {
+                eventually(WAIT, "the Docker container answers", || {
+                    let body = curl_from_machine(c, i, &format!("http://{addr}/cgi-bin/hello"))?;
+                    ensure!(
+                        body.trim() == format!("hello from dweb-{}", &id[..8]),
+                        "m{i}: {body:?}"
+                    );
+                    Ok(())
+                })?;
+            }
+            // An nspawn workload on m0 and the Docker container reach each other, by address and
+            // by name, without NAT.
+            uc_ok(c, 0, &["run", "-n", "web", "-m", "m0", "demo"])?;
+            let web = ps(c, 0)?
+                .into_iter()
+                .find(|v| v["machine"] == "m0")
+                .context("web on m0")?;
+            let (web_id, web_addr) = (
+                web["id"].as_str().context("id")?.to_string(),
+                web["address"].as_str().context("address")?.to_string(),
+            );
+            let body = in_workload(
+                c,
+                0,
+                &web_id,
+                &["curl", "-sS", "-m", "5", &format!("http://{addr}/")],
+            )?;
+            ensure!(body.contains("Hello from uc"), "nspawn -> docker: {body:?}");
+            let name = format!("uc-dweb-{}", &id[..8]);
+            for url in [
+                format!("http://{web_addr}/cgi-bin/hello"),
+                "http://web.internal/cgi-bin/hello".into(),
+            ] {
+                // (busybox 1.35's wget crashes with -T or -qO-.)
+                let out = d.docker(&["exec", &name, "wget", "-q", "-O", "-", &url])?;
+                let body = String::from_utf8_lossy(&out.stdout);
+                ensure!(
+                    out.status.success()
+                        && body.trim() == format!("hello from web-{}", &web_id[..8]),
+                    "docker -> nspawn {url}: {body:?} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            // The request came from the workload's own address: httpd -v logs the peer.
+            eventually(WAIT, "uc logs shows the request from m0's workload", || {
+                let logs = uc_ok(c, 1, &["logs", "dweb"])?;
+                ensure!(logs.contains(&web_addr), "{logs:?}");
+                Ok(())
+            })?;
+
+            // kill -9 of m2's agent: the container keeps serving; the restarted agent adopts it.
+            let pid = p[0]["pid"].as_u64().context("pid")?;
+            c.kill9(2)?;
+            let body = curl_from_machine(c, 2, &format!("http://{addr}/"))?;
+            ensure!(
+                body.contains("Hello from uc"),
+                "with m2's agent dead: {body:?}"
+            );
+            c.restart(2)?;
+            c.wait_ready(2)?;
+            eventually(WAIT, "m2 reports the same container", || {
+                let p = ps(c, 2)?;
+                let d = p
+                    .iter()
+                    .find(|v| v["machine"] == "m2")
+                    .context("none on m2")?;
+                ensure!(d["id"] == id.as_str() && d["state"] == "running", "{p:?}");
+                ensure!(d["pid"].as_u64() == Some(pid), "not adopted: {d}");
+                Ok(())
+            })?;
+            ensure!(
+                docker_containers(&d)?.len() == 1,
+                "a second Docker container"
+            );
+
+            // rm: no container left in the engine.
+            uc_ok(c, 0, &["rm", "dweb"])?;
+            eventually(WAIT, "the Docker container is removed", || {
+                let left = docker_containers(&d)?;
+                ensure!(left.is_empty(), "{left:?}");
+                Ok(())
+            })?;
+            let problems = d.stop();
+            ensure!(problems.is_empty(), "{problems:?}");
+            ensure!(
+                mounts_under(&dir).is_empty(),
+                "mounts left under {}",
+                dir.display()
+            );
+            ensure!(
+                processes_mentioning(dir.to_str().context("dir")?).is_empty(),
+                "dockerd's processes left"
+            );
+            Ok(())
+        },
+    );
+    // Whatever happened, the engine is gone before the host is checked.
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let host_after = HostNetFacts::read();
+    ensure!(
+        host_after == host_before,
+        "the host's network settings changed: {host_before:?} -> {host_after:?}"
+    );
+    Ok(())
 }
