@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Workload start benchmark: `uc run` to the first HTTP answer over the mesh, beside bare
-# systemd-nspawn starting the same image; written into docs/benchmarks.md. Needs root. About
+# Workload start benchmark: `uc run` to the first HTTP answer over the mesh, per runtime, beside bare
+# systemd-nspawn and bare `docker run` starting the same image; written into docs/benchmarks.md. Needs root. About
 # 1 minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/deps.sh nftables iputils-ping systemd-container
+source scripts/deps.sh nftables iputils-ping systemd-container docker.io iptables
 cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
 T="${CARGO_TARGET_DIR:-target}/release"
 export UC_DEMO_IMAGE="${UC_DEMO_IMAGE:-${XDG_CACHE_HOME:-$HOME/.cache}/uc/demo-image.tar}"
