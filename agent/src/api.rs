@@ -99,6 +99,26 @@ impl Api for ApiService {
             .map(Response::new)
     }
 
+    async fn scale_service(
+        &self,
+        request: Request<ScaleServiceRequest>,
+    ) -> Result<Response<ScaleServiceResponse>, Status> {
+        self.ready().await?;
+        crate::services::scale_service(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn set_service_running(
+        &self,
+        request: Request<SetServiceRunningRequest>,
+    ) -> Result<Response<SetServiceRunningResponse>, Status> {
+        self.ready().await?;
+        crate::services::set_service_running(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn list_containers(
         &self,
         request: Request<ListContainersRequest>,

@@ -1,6 +1,6 @@
 //! The local API's service and image calls: `uc run` (check, place, write),
 //! `uc ps` (the document's containers with what each machine says of them),
-//! `uc logs` (merged across machines), `uc image import|ls`.
+//! `uc logs` (merged across machines), `uc scale`, `uc stop|start`, `uc image import|ls`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -222,6 +222,185 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
                 status: None,
             })
             .collect(),
+    })
+}
+
+fn container_info(
+    c: &Container,
+    service: &str,
+    names: &BTreeMap<MachineId, String>,
+) -> ContainerInfo {
+    ContainerInfo {
+        id: c.id.to_string(),
+        service: service.to_owned(),
+        machine: names.get(&c.machine).cloned().unwrap_or_default(),
+        machine_id: c.machine.to_string(),
+        address: c.address.map(|a| a.to_string()).unwrap_or_default(),
+        desired: match c.desired {
+            DesiredState::Running => "running".into(),
+            DesiredState::Stopped => "stopped".into(),
+        },
+        status: None,
+    }
+}
+
+/// The service named `name` and its containers, or "not found" listing the services.
+fn service_and_containers(
+    node: &Node,
+    name: &str,
+) -> Result<(uc_crdt::Service, Vec<Container>), Status> {
+    node.read(|doc| {
+        let Some(s) = doc.service_by_name(name) else {
+            let services = doc.services().into_iter().map(|s| (s.id, s.name)).collect();
+            return Err(service_not_found(&services, name));
+        };
+        let containers = doc
+            .containers()
+            .into_iter()
+            .filter(|c| c.service == s.id)
+            .collect();
+        Ok((s, containers))
+    })
+}
+
+fn write_status(e: crate::node::WriteError) -> Status {
+    Status::failed_precondition(e.to_string())
+}
+
+/// `uc scale`: places the new containers like `uc run` does, or removes the ones
+/// [`place::pick_to_remove`] picks; the spec's replica count changes in the same write.
+pub async fn scale_service(
+    node: &Node,
+    r: ScaleServiceRequest,
+) -> Result<ScaleServiceResponse, Status> {
+    if r.replicas > MAX_REPLICAS {
+        return Err(Status::invalid_argument(format!(
+            "{} replicas is more than {MAX_REPLICAS}",
+            r.replicas
+        )));
+    }
+    let (service, containers) = service_and_containers(node, &r.name)?;
+    let mut spec = ServiceSpec::from_json(&service.spec)
+        .map_err(|e| Status::failed_precondition(format!("the service's spec: {e}")))?;
+    if spec.mode == Mode::Global {
+        return Err(Status::failed_precondition(format!(
+            "service {:?} is global: it runs one container on every machine; only replicated \
+             services scale",
+            r.name
+        )));
+    }
+    spec.mode = Mode::Replicated {
+        replicas: r.replicas,
+    };
+    let all = candidates(node);
+    let names: BTreeMap<MachineId, String> =
+        all.iter().map(|c| (c.id.clone(), c.name.clone())).collect();
+    let want = r.replicas as usize;
+    let now = now_ms();
+    let (added, removed): (Vec<Container>, Vec<Container>) = if want > containers.len() {
+        let eligible = place::eligible(&all, &spec.machines, spec.runtime)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let existing = node.read(|doc| doc.containers());
+        let placed = place::place(
+            &eligible,
+            &existing,
+            &service.id,
+            want - containers.len(),
+            spec.memory,
+        )
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let added = placed
+            .into_iter()
+            .map(|(machine, address)| Container {
+                id: ContainerId::from_bytes(token::random16()),
+                service: service.id.clone(),
+                machine,
+                address: Some(address),
+                desired: DesiredState::Running,
+                created_at_ms: now,
+            })
+            .collect();
+        (added, Vec::new())
+    } else {
+        let live: BTreeSet<MachineId> = all
+            .iter()
+            .filter(|c| c.live)
+            .map(|c| c.id.clone())
+            .collect();
+        let gone = place::pick_to_remove(&containers, &live, containers.len() - want);
+        let removed = containers
+            .into_iter()
+            .filter(|c| gone.contains(&c.id))
+            .collect();
+        (Vec::new(), removed)
+    };
+    let (write_added, write_removed) = (added.clone(), removed.clone());
+    let spec_json = spec.to_json();
+    let (sid, name) = (service.id.clone(), service.name.clone());
+    tokio::task::block_in_place(|| {
+        node.write(move |doc| {
+            doc.put_service(sid, &name, spec_json, now)?;
+            for c in write_added {
+                doc.put_container(c)?;
+            }
+            for c in write_removed {
+                doc.remove_container(&c.id)?;
+            }
+            Ok(())
+        })
+    })
+    .map_err(write_status)?;
+    if let Some(w) = node.workloads.get() {
+        w.kick();
+    }
+    Ok(ScaleServiceResponse {
+        added: added
+            .iter()
+            .map(|c| container_info(c, &service.name, &names))
+            .collect(),
+        removed: removed
+            .iter()
+            .map(|c| container_info(c, &service.name, &names))
+            .collect(),
+    })
+}
+
+/// `uc stop|start`: every container of the service keeps its place and address; its
+/// machine stops or starts it.
+pub async fn set_service_running(
+    node: &Node,
+    r: SetServiceRunningRequest,
+) -> Result<SetServiceRunningResponse, Status> {
+    let (_, containers) = service_and_containers(node, &r.name)?;
+    let want = if r.running {
+        DesiredState::Running
+    } else {
+        DesiredState::Stopped
+    };
+    let total = containers.len() as u32;
+    let changing: Vec<Container> = containers
+        .into_iter()
+        .filter(|c| c.desired != want)
+        .map(|c| Container { desired: want, ..c })
+        .collect();
+    let changed = changing.len() as u32;
+    if changed > 0 {
+        tokio::task::block_in_place(|| {
+            node.write(move |doc| {
+                for c in changing {
+                    doc.put_container(c)?;
+                }
+                Ok(())
+            })
+        })
+        .map_err(write_status)?;
+        if let Some(w) = node.workloads.get() {
+            w.kick();
+        }
+    }
+    Ok(SetServiceRunningResponse {
+        changed,
+        containers: total,
     })
 }
 

@@ -580,8 +580,15 @@ fn images_text(store: &ImageStore) -> String {
 }
 
 /// A digest of what a container is made from: a change makes it again.
+/// What a container is made from: a change of it replaces the container. How many there are
+/// (the mode) and where they may go (the machines) are not: `uc scale` keeps the ones that run.
 fn digest(spec: &ServiceSpec, address: std::net::Ipv4Addr) -> String {
-    let text = format!("{}|{address}", spec.to_json());
+    let made_of = ServiceSpec {
+        mode: Mode::Replicated { replicas: 1 },
+        machines: Vec::new(),
+        ..spec.clone()
+    };
+    let text = format!("{}|{address}", made_of.to_json());
     hex::encode(&ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref()[..8])
 }
 

@@ -78,6 +78,40 @@ enum Command {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// A service's spec and its containers, as the state and their machines say.
+    Inspect { service: String },
+    /// Change how many containers a replicated service has: new ones are placed like
+    /// `uc run` places them; the newest go first (those on machines that are down before all).
+    Scale {
+        service: String,
+        replicas: u32,
+        /// Return at once instead of waiting for new containers to run.
+        #[arg(short, long)]
+        detach: bool,
+        /// How long to wait for them, in seconds.
+        #[arg(long = "timeout", default_value_t = 120)]
+        timeout_secs: u64,
+    },
+    /// Stop every container of services; they keep their machine and address.
+    Stop {
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Return at once instead of waiting until they have stopped.
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long = "timeout", default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// Start the stopped containers of services again.
+    Start {
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Return at once instead of waiting until they run.
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long = "timeout", default_value_t = 120)]
+        timeout_secs: u64,
+    },
     /// A service's output, merged across machines.
     Logs {
         service: String,
@@ -543,6 +577,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             tail,
         } => workloads::logs(&mut api, service, tail, follow, json).await,
+        Command::Inspect { service } => workloads::inspect(&mut api, service, json).await,
+        Command::Scale {
+            service,
+            replicas,
+            detach,
+            timeout_secs,
+        } => {
+            let t = std::time::Duration::from_secs(timeout_secs);
+            workloads::scale(&mut api, service, replicas, detach, t, json).await
+        }
+        Command::Stop {
+            services,
+            detach,
+            timeout_secs,
+        } => {
+            let t = std::time::Duration::from_secs(timeout_secs);
+            workloads::set_running(&mut api, services, false, detach, t, json).await
+        }
+        Command::Start {
+            services,
+            detach,
+            timeout_secs,
+        } => {
+            let t = std::time::Duration::from_secs(timeout_secs);
+            workloads::set_running(&mut api, services, true, detach, t, json).await
+        }
         Command::Image(ImageCmd::Import { file, name }) => {
             workloads::image_import(&mut api, &file, name, json).await
         }

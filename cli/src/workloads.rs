@@ -108,12 +108,23 @@ pub async fn run(api: &mut Api, a: RunArgs, json: bool) -> anyhow::Result<()> {
     if a.detach {
         return print_run(&r, None, json);
     }
-    // Wait until every container runs, or one fails.
-    let deadline = tokio::time::Instant::now() + a.timeout;
+    let ps = wait_for(api, &r.name, "running", a.timeout).await?;
+    print_run(&r, Some((t0.elapsed(), &ps)), json)
+}
+
+/// Waits until every container of the service is in state `want` ("running" or "exited"), or
+/// one failed (then the error says why).
+async fn wait_for(
+    api: &mut Api,
+    name: &str,
+    want: &str,
+    timeout: Duration,
+) -> anyhow::Result<ListContainersResponse> {
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let ps = api
             .list_containers(ListContainersRequest {
-                service: r.name.clone(),
+                service: name.to_owned(),
             })
             .await
             .map_err(status_error)?
@@ -123,39 +134,242 @@ pub async fn run(api: &mut Api, a: RunArgs, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|c| c.status.as_ref().map_or("unknown", |s| s.state.as_str()))
             .collect();
-        if let Some(c) = ps.containers.iter().find(|c| {
-            c.status.as_ref().is_some_and(|s| {
-                s.state == "failed" || (s.state == "exited" && !s.error.is_empty())
+        if want == "running"
+            && let Some(c) = ps.containers.iter().find(|c| {
+                c.status.as_ref().is_some_and(|s| {
+                    s.state == "failed" || (s.state == "exited" && !s.error.is_empty())
+                })
             })
-        }) {
+        {
             let s = c.status.as_ref().expect("found with a status");
             anyhow::bail!(
-                "container {} of {} on {} failed: {}\n(the service stays; see uc ps, uc logs {}, or uc rm {})",
+                "container {} of {name} on {} failed: {}\n(the service stays; see uc ps, uc logs {name}, or uc rm {name})",
                 &c.id[..12],
-                r.name,
                 c.machine,
                 if s.error.is_empty() {
                     "it exited"
                 } else {
                     &s.error
                 },
-                r.name,
-                r.name
             );
         }
-        if !states.is_empty() && states.iter().all(|s| *s == "running") {
-            return print_run(&r, Some((t0.elapsed(), &ps)), json);
+        if states.iter().all(|s| *s == want) {
+            return Ok(ps);
         }
         if tokio::time::Instant::now() >= deadline {
             anyhow::bail!(
-                "service {} is not running after {:?} (states: {}); see uc ps",
-                r.name,
-                a.timeout,
+                "service {name} is not {want} after {timeout:?} (states: {}); see uc ps",
                 states.join(", ")
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The services of a state dump (a map by id; a list is read too).
+fn services_of(state: &serde_json::Value) -> Vec<serde_json::Value> {
+    match &state["services"] {
+        serde_json::Value::Object(m) => m.values().cloned().collect(),
+        serde_json::Value::Array(a) => a.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// `uc scale SVC N`.
+pub async fn scale(
+    api: &mut Api,
+    name: String,
+    replicas: u32,
+    detach: bool,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let r = api
+        .scale_service(ScaleServiceRequest {
+            name: name.clone(),
+            replicas,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if !detach && !r.added.is_empty() {
+        wait_for(api, &name, "running", timeout).await?;
+    }
+    let brief = |c: &ContainerInfo| serde_json::json!({"id": c.id, "machine": c.machine, "address": c.address});
+    if json {
+        let v = serde_json::json!({
+            "name": name, "replicas": replicas,
+            "added": r.added.iter().map(brief).collect::<Vec<_>>(),
+            "removed": r.removed.iter().map(brief).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for c in &r.added {
+        println!("added {} on {} ({})", &c.id[..12], c.machine, c.address);
+    }
+    for c in &r.removed {
+        println!("removed {} on {} ({})", &c.id[..12], c.machine, c.address);
+    }
+    if r.added.is_empty() && r.removed.is_empty() {
+        println!("{name} already has {replicas} containers");
+    }
+    Ok(())
+}
+
+/// `uc stop|start SVC...`.
+pub async fn set_running(
+    api: &mut Api,
+    names: Vec<String>,
+    running: bool,
+    detach: bool,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    for name in names {
+        let r = api
+            .set_service_running(SetServiceRunningRequest {
+                name: name.clone(),
+                running,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if !detach {
+            wait_for(
+                api,
+                &name,
+                if running { "running" } else { "exited" },
+                timeout,
+            )
+            .await?;
+        }
+        if !json {
+            println!(
+                "{} {name} ({} containers)",
+                if running { "started" } else { "stopped" },
+                r.containers
+            );
+        }
+        out.push(
+            serde_json::json!({"name": name, "containers": r.containers, "changed": r.changed}),
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+/// `uc inspect SVC`: the service's spec and its containers, as the state and their machines say.
+pub async fn inspect(api: &mut Api, name: String, json: bool) -> anyhow::Result<()> {
+    let state: serde_json::Value = serde_json::from_str(
+        &api.dump_state(DumpStateRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .json,
+    )?;
+    let services = services_of(&state);
+    let Some(s) = services.iter().find(|s| s["name"] == name.as_str()) else {
+        let mut names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
+        names.sort();
+        anyhow::bail!(
+            "service {name:?} not found; services: {}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    let ps = api
+        .list_containers(ListContainersRequest {
+            service: name.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let containers: Vec<serde_json::Value> = ps
+        .containers
+        .iter()
+        .map(|c| {
+            let st = c.status.clone().unwrap_or_default();
+            serde_json::json!({
+                "id": c.id, "machine": c.machine, "address": c.address, "desired": c.desired,
+                "state": st.state, "runtime": st.runtime, "since_unix_ms": st.since_unix_ms,
+                "exit_code": st.exit_code, "restarts": st.restarts, "pid": st.pid,
+                "error": st.error, "image": st.image,
+            })
+        })
+        .collect();
+    let spec = s["spec"].clone();
+    let v = serde_json::json!({
+        "id": s["id"], "name": name, "created_at_ms": s["created_at_ms"],
+        "spec": spec, "containers": containers,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("service  {name} ({})", s["id"].as_str().unwrap_or(""));
+    if let Ok(spec) = ServiceSpec::from_json(&spec) {
+        println!("image    {}", spec.image);
+        println!("runtime  {}", spec.runtime);
+        println!(
+            "mode     {}",
+            match spec.mode {
+                Mode::Global => "global".to_string(),
+                Mode::Replicated { replicas } => format!("replicated, {replicas} replicas"),
+            }
+        );
+        if !spec.command.is_empty() {
+            println!("command  {}", spec.command.join(" "));
+        }
+        for (k, val) in &spec.env {
+            println!("env      {k}={val}");
+        }
+        for p in &spec.ports {
+            println!("port     {p}");
+        }
+        if let Some(c) = spec.cpu {
+            println!("cpu      {c}");
+        }
+        if let Some(m) = spec.memory {
+            println!("memory   {m} bytes");
+        }
+    }
+    println!();
+    let rows: Vec<Vec<String>> = ps
+        .containers
+        .iter()
+        .map(|c| {
+            let st = c.status.clone().unwrap_or_default();
+            vec![
+                c.id[..12].to_string(),
+                c.machine.clone(),
+                c.address.clone(),
+                c.desired.clone(),
+                st.state,
+                st.restarts.to_string(),
+                st.error,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CONTAINER",
+            "MACHINE",
+            "ADDRESS",
+            "DESIRED",
+            "STATE",
+            "RESTARTS",
+            "ERROR",
+        ],
+        rows,
+    );
+    Ok(())
 }
 
 fn print_run(
@@ -287,7 +501,7 @@ pub async fn ls(api: &mut Api, json: bool) -> anyhow::Result<()> {
         .into_inner();
     let mut rows = Vec::new();
     let mut out = Vec::new();
-    let services = state["services"].as_array().cloned().unwrap_or_default();
+    let services = services_of(&state);
     for s in services {
         let name = s["name"].as_str().unwrap_or("").to_string();
         let spec = ServiceSpec::from_json(&s["spec"]).ok();

@@ -196,6 +196,38 @@ pub fn place(
     Ok(out)
 }
 
+/// Which `count` of a service's containers a scale-down removes: first those on machines that
+/// are not live, then one at a time from the machine with the most of them (so the rest stay
+/// spread), the newest there first.
+pub fn pick_to_remove(
+    of_service: &[Container],
+    live: &BTreeSet<MachineId>,
+    count: usize,
+) -> Vec<uc_proto::ContainerId> {
+    let mut left: Vec<&Container> = of_service.iter().collect();
+    let mut out = Vec::new();
+    while out.len() < count && !left.is_empty() {
+        let mut per_machine: BTreeMap<&MachineId, usize> = BTreeMap::new();
+        for c in &left {
+            *per_machine.entry(&c.machine).or_default() += 1;
+        }
+        let (i, _) = left
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, c)| {
+                (
+                    !live.contains(&c.machine),
+                    per_machine[&c.machine],
+                    c.created_at_ms,
+                    c.id.clone(),
+                )
+            })
+            .expect("left is not empty");
+        out.push(left.remove(i).id.clone());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +380,31 @@ mod tests {
                 proptest::prop_assert!(max - min <= 1);
             }
         }
+    }
+
+    #[test]
+    fn scale_down_takes_dead_machines_then_the_fullest_then_the_newest() {
+        let svc = ServiceId::from_bytes([9; 16]);
+        let (a, b, d) = (m(1, true, &[N]), m(2, true, &[N]), m(3, false, &[N]));
+        let cs = vec![
+            container(1, &svc, &a, 2),
+            container(2, &svc, &a, 3),
+            container(3, &svc, &a, 4),
+            container(4, &svc, &b, 2),
+            container(5, &svc, &d, 2),
+        ];
+        let live: BTreeSet<MachineId> = [a.id.clone(), b.id.clone()].into();
+        let ids = |v: &[u8]| -> Vec<ContainerId> {
+            v.iter()
+                .map(|i| ContainerId::from_bytes([*i; 16]))
+                .collect()
+        };
+        // d is not live: its container goes first; then a has the most: its newest.
+        assert_eq!(pick_to_remove(&cs, &live, 1), ids(&[5]));
+        assert_eq!(pick_to_remove(&cs, &live, 3), ids(&[5, 3, 2]));
+        // Then a and b have one each: the newer (b's) goes.
+        assert_eq!(pick_to_remove(&cs, &live, 4), ids(&[5, 3, 2, 4]));
+        assert_eq!(pick_to_remove(&cs, &live, 9).len(), 5);
+        assert!(pick_to_remove(&cs, &live, 0).is_empty());
     }
 }

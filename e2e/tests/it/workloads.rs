@@ -512,3 +512,126 @@ fn a_docker_service_on_a_machine_with_its_own_dockerd_serves_over_the_mesh() -> 
     );
     Ok(())
 }
+
+#[test]
+fn scale_stop_start_inspect_and_global_services() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(2), |c| {
+        c.wait_membership()?;
+        import_demo(c, 0)?;
+        uc_ok(c, 0, &["run", "-n", "web", "demo"])?;
+        // Up to 3: placed like run places them, spread over both machines, all running.
+        let out: Value = serde_json::from_str(&uc_ok(c, 1, &["-o", "json", "scale", "web", "3"])?)?;
+        ensure!(out["added"].as_array().map(Vec::len) == Some(2), "{out}");
+        let p = ps(c, 0)?;
+        ensure!(
+            p.len() == 3 && p.iter().all(|v| v["state"] == "running"),
+            "{p:?}"
+        );
+        let on_m0 = p.iter().filter(|v| v["machine"] == "m0").count();
+        ensure!(on_m0 == 1 || on_m0 == 2, "not spread: {p:?}");
+        let insp: Value = serde_json::from_str(&uc_ok(c, 0, &["-o", "json", "inspect", "web"])?)?;
+        ensure!(insp["spec"]["replicas"] == 3, "{insp}");
+        ensure!(
+            insp["containers"].as_array().map(Vec::len) == Some(3),
+            "{insp}"
+        );
+        let ls: Value = serde_json::from_str(&uc_ok(c, 1, &["-o", "json", "ls"])?)?;
+        let web = ls
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["name"] == "web"))
+            .with_context(|| format!("uc ls: {ls}"))?;
+        ensure!(web["containers"] == 3 && web["running"] == 3, "{web}");
+        let text = uc_ok(c, 0, &["inspect", "web"])?;
+        ensure!(
+            text.contains("replicated, 3 replicas") && text.contains("image    demo"),
+            "{text}"
+        );
+
+        // Down to 1: the others are removed from the state and from their machines.
+        let out: Value = serde_json::from_str(&uc_ok(c, 0, &["-o", "json", "scale", "web", "1"])?)?;
+        ensure!(out["removed"].as_array().map(Vec::len) == Some(2), "{out}");
+        eventually(
+            WAIT,
+            "the removed containers are gone from their machines",
+            || {
+                let dirs: usize = (0..2)
+                    .map(|i| {
+                        std::fs::read_dir(c.machine(i).data_dir.join("workloads"))
+                            .map(|d| d.count())
+                            .unwrap_or(0)
+                    })
+                    .sum();
+                ensure!(dirs == 1, "{dirs} workload dirs");
+                Ok(())
+            },
+        )?;
+        let p = ps(c, 0)?;
+        ensure!(p.len() == 1, "{p:?}");
+        let addr = p[0]["address"].as_str().context("address")?.to_string();
+        let id = p[0]["id"].as_str().context("id")?.to_string();
+
+        // Stop: it stays placed, with its address, and stops answering; start: it answers again.
+        uc_ok(c, 0, &["stop", "web"])?;
+        let p = ps(c, 1)?;
+        ensure!(
+            p.len() == 1 && p[0]["state"] == "exited" && p[0]["id"] == id.as_str(),
+            "{p:?}"
+        );
+        let out = c.exec_in(0, &["curl", "-sS", "-m", "2", &format!("http://{addr}/")])?;
+        ensure!(!out.status.success(), "a stopped container answered");
+        // The reconciler leaves a stopped container stopped.
+        std::thread::sleep(Duration::from_secs(2));
+        ensure!(
+            ps(c, 0)?[0]["state"] == "exited",
+            "it started again by itself"
+        );
+        uc_ok(c, 1, &["start", "web"])?;
+        let p = ps(c, 0)?;
+        ensure!(
+            p.len() == 1 && p[0]["state"] == "running" && p[0]["address"] == addr.as_str(),
+            "{p:?}"
+        );
+        eventually(WAIT, "the started container answers", || {
+            let body = curl_from_machine(c, 0, &format!("http://{addr}/"))?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
+
+        // Global: one container on every machine, and on a machine that joins later.
+        uc_ok(c, 0, &["run", "-n", "g", "--mode", "global", "demo"])?;
+        let of_g = |c: &Cluster| -> anyhow::Result<Vec<Value>> {
+            Ok(ps(c, 0)?
+                .into_iter()
+                .filter(|v| v["service"] == "g")
+                .collect())
+        };
+        let g = of_g(c)?;
+        let machines: BTreeSet<&str> = g.iter().filter_map(|v| v["machine"].as_str()).collect();
+        ensure!(g.len() == 2 && machines.len() == 2, "{g:?}");
+        let out = c.uc(0, &["scale", "g", "5"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("is global"),
+            "{err:?}"
+        );
+        let out = c.uc(0, &["scale", "nope", "2"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("service \"nope\" not found; services: g, web"),
+            "{err:?}"
+        );
+        let i = c.add_machine()?;
+        c.wait_membership()?;
+        let new = c.machine(i).name.clone();
+        eventually(WAIT, "the new machine runs the global service", || {
+            let g = of_g(c)?;
+            let on_new: Vec<&Value> = g.iter().filter(|v| v["machine"] == new.as_str()).collect();
+            ensure!(
+                g.len() == 3 && on_new.len() == 1 && on_new[0]["state"] == "running",
+                "{g:?}"
+            );
+            Ok(())
+        })?;
+        Ok(())
+    })
+}
