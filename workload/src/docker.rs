@@ -7,9 +7,10 @@
 //!   runtimes' (`ucbr0`, made first by [`net::ensure_bridge`], so Docker
 //!   neither owns nor deletes it), without masquerading: containers of every
 //!   runtime and machine reach each other by their mesh addresses, unNATed.
-//!   Docker's firewall drops forwarded traffic into its bridges unless a
-//!   port is published, so one rule in `DOCKER-USER` (the chain Docker keeps
-//!   for its users) accepts what comes from the mesh interface into the bridge.
+//!   dockerd sets the FORWARD policy to DROP and accepts new connections into
+//!   its bridges only for published ports, so as soon as the engine is seen,
+//!   three rules appended to FORWARD (after Docker's chains, `DOCKER-USER`
+//!   included) accept mesh to bridge, bridge to mesh and bridge to bridge.
 //! - Images: uc's image store is the source. The first container of an image
 //!   imports its root filesystem into the engine (`docker import`, with the
 //!   image's command, environment and working directory) as
@@ -278,34 +279,45 @@ impl Docker {
         Ok(())
     }
 
-    /// Adds `-i MESH -o ucbr0 -j ACCEPT` to Docker's `DOCKER-USER` chain unless it is there.
-    /// Without the chain (dockerd runs with `--iptables=false`) nothing drops that traffic.
+    /// Makes sure the FORWARD chain accepts the workloads' traffic: mesh to bridge, bridge to
+    /// mesh, and bridge to bridge (with br_netfilter on, bridged packets pass iptables too).
+    /// dockerd sets FORWARD's policy to DROP and accepts only its own networks' traffic until
+    /// its network `uc` exists, so without these the other runtimes' containers are cut off.
+    /// The rules are appended: Docker's chains (`DOCKER-USER`, where a user restricts) come
+    /// first.
     async fn accept_from_mesh(&self) {
-        let rule = [
-            "DOCKER-USER",
-            "-i",
-            &self.mesh_if,
-            "-o",
-            net::BRIDGE,
-            "-j",
-            "ACCEPT",
+        let rules: [[&str; 4]; 3] = [
+            [self.mesh_if.as_str(), net::BRIDGE, "", ""],
+            [net::BRIDGE, self.mesh_if.as_str(), "", ""],
+            [net::BRIDGE, net::BRIDGE, "", ""],
         ];
-        let iptables = |op: &str| {
-            let mut c = tokio::process::Command::new("iptables");
-            c.arg("-w").arg(op).args(rule);
-            c.stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
-            c
-        };
-        if iptables("-C").status().await.is_ok_and(|s| s.success()) {
-            return;
-        }
-        match iptables("-I").status().await {
-            Ok(s) if s.success() => {
-                tracing::info!(mesh = %self.mesh_if, bridge = net::BRIDGE, "DOCKER-USER accepts mesh traffic into the bridge")
+        for [i, o, _, _] in rules {
+            let rule = ["FORWARD", "-i", i, "-o", o, "-j", "ACCEPT"];
+            let iptables = |op: &str| {
+                let mut c = tokio::process::Command::new("iptables");
+                c.arg("-w").arg(op).args(rule);
+                c.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                c
+            };
+            if iptables("-C").status().await.is_ok_and(|s| s.success()) {
+                continue;
             }
-            Ok(_) | Err(_) => {
-                tracing::debug!("no DOCKER-USER chain: Docker does not filter forwarded traffic")
+            match iptables("-A").status().await {
+                Ok(s) if s.success() => {
+                    tracing::info!(
+                        from = i,
+                        to = o,
+                        "the FORWARD chain accepts workload traffic"
+                    )
+                }
+                Ok(_) | Err(_) => {
+                    tracing::warn!(
+                        from = i,
+                        to = o,
+                        "could not add a FORWARD rule with iptables"
+                    )
+                }
             }
         }
     }
@@ -562,9 +574,13 @@ impl Runtime for Docker {
         {
             tracing::warn!(
                 "iptables is not installed: if Docker filters forwarded traffic, the mesh cannot \
-                 reach Docker containers"
+                 reach the machine's containers"
             );
         }
+        // A running dockerd drops forwarded traffic into bridges it does not know, the
+        // other runtimes' containers on ucbr0 included: open the bridge to the mesh as soon
+        // as the engine is seen (and again at every probe, should dockerd have restarted).
+        self.accept_from_mesh().await;
         Ok(())
     }
 

@@ -370,6 +370,21 @@ fn a_docker_service_on_a_machine_with_its_own_dockerd_serves_over_the_mesh() -> 
             );
             // m2's engine starts after its agent: the agent finds it on its own.
             let mut d = Dockerd::start(&c.machine(2).netns, &dir)?;
+            // dockerd drops forwarded traffic into bridges it does not manage: an nspawn
+            // container on m2's bridge is still reached from the other machines once m2's agent
+            // has seen the engine, before any Docker container exists.
+            uc_ok(c, 0, &["run", "-n", "n2", "-m", "m2", "demo"])?;
+            let n2 = ps(c, 0)?
+                .into_iter()
+                .find(|v| v["service"] == "n2")
+                .context("n2")?;
+            let n2_addr = n2["address"].as_str().context("address")?.to_string();
+            eventually(WAIT, "m0 reaches the nspawn container on m2", || {
+                let body = curl_from_machine(c, 0, &format!("http://{n2_addr}/"))?;
+                ensure!(body.contains("Hello from uc"), "{body:?}");
+                Ok(())
+            })?;
+            uc_ok(c, 0, &["rm", "n2"])?;
             eventually(WAIT, "m2's agent finds its Docker engine", || {
                 let out = c.uc(
                     0,
