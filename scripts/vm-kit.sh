@@ -48,7 +48,7 @@ KERNEL_PKG=${KERNEL_PKG:-linux-image-cloud-amd64}  # meta package -> versioned o
 # crc16 and crc32c are built in, so the disk needs no more. button + evdev give
 # the power button, which is how the host asks for a graceful stop.
 KIT_MODULES=${KIT_MODULES:-"virtio_mmio virtio_blk virtio_net button evdev"}
-KIT_VERSION=3          # bump when GUEST_INIT or the kit layout changes
+KIT_VERSION=5          # bump when GUEST_INIT or the kit layout changes
 
 VM_MEM=${VM_MEM:-256}              # MiB of guest RAM
 VM_SMP=${VM_SMP:-1}
@@ -64,6 +64,10 @@ VM_QMP=${VM_QMP:-}                 # unix socket path for QMP (empty: none)
 VM_TIMEOUT=${VM_TIMEOUT:-600}      # hard limit for the whole VM (a hung TCG guest pauses)
 VM_STOP_GRACE=${VM_STOP_GRACE:-10} # seconds between SIGTERM and SIGKILL in the guest
 VM_EXTRA_APPEND=${VM_EXTRA_APPEND:-}
+# Boot-time savers under TCG (measured in NOTES.md): together about -0.5 s.
+# mitigations=off only drops guest-internal hardening (one workload per VM).
+VM_FAST_APPEND=${VM_FAST_APPEND-"quiet pci=off 8250.nr_uarts=1 cryptomgr.notests mitigations=off nokaslr init_on_alloc=0 page_alloc.shuffle=0 audit=0 lsm=lockdown,yama,integrity"}
+VM_KERNEL=${VM_KERNEL:-}           # default: KITDIR/vmlinux (PVH) if there, else vmlinuz
 
 QEMU=${QEMU:-qemu-system-x86_64}
 WORK=${VMKIT_TMP:-/var/tmp/vmkit/tmp}   # apt needs a TMPDIR nobody cleans
@@ -173,7 +177,7 @@ pid=$!
 for e in /sys/class/input/event*; do
     [ "$(cat $e/device/name 2>/dev/null)" = "Power Button" ] || continue
     (
-        dd if=/dev/${e##*/} of=/dev/null bs=24 count=1 2>/dev/null
+        dd if=/dev/input/${e##*/} of=/dev/null bs=24 count=1 2>/dev/null || exit 0
         say "power button: SIGTERM"
         kill -TERM $pid 2>/dev/null
         sleep "$UC_GRACE"
@@ -253,6 +257,23 @@ cmd_kit() {
     # 3. Pack (newc, gzip; the kernel has CONFIG_RD_GZIP) and install atomically.
     ( cd "$r" && find . | LC_ALL=C sort | busybox cpio -o -H newc 2>/dev/null | gzip -9 >"$out/initrd.img.tmp" )
     cp "$w/k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+    # The uncompressed ELF vmlinux inside the bzImage (LZ4 in Debian's build):
+    # QEMU boots it through its PVH entry point, skipping the real-mode setup
+    # and the decompression (about 0.4 s under TCG). Optional: needs `lz4`.
+    rm -f "$out/vmlinux"
+    if command -v lz4 >/dev/null; then
+        local off
+        off=$(LC_ALL=C grep -aboP '\x02\x21\x4c\x18' "$out/vmlinuz.tmp" | head -n1 | cut -d: -f1 || true)
+        if [ -n "$off" ]; then
+            tail -c +$((off + 1)) "$out/vmlinuz.tmp" | lz4 -dc >"$out/vmlinux.tmp" 2>/dev/null || true
+            if [ "$(head -c 4 "$out/vmlinux.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] &&
+               readelf -n "$out/vmlinux.tmp" 2>/dev/null | grep -q 0x00000012; then
+                mv "$out/vmlinux.tmp" "$out/vmlinux"
+            else
+                rm -f "$out/vmlinux.tmp"; log "no PVH vmlinux in the kernel; will boot vmlinuz"
+            fi
+        fi
+    fi
     mv "$out/vmlinuz.tmp" "$out/vmlinuz"; mv "$out/initrd.img.tmp" "$out/initrd.img"
     cp "$r/lib/modules/load-order" "$out/modules.txt"
     echo "$kver" >"$out/kernel.version"
@@ -337,17 +358,19 @@ cmd_overlay() {
 # The QEMU argv, one element a line. Notes on each choice are in NOTES.md.
 cmd_argv() {
     local kit=${1:?usage: argv KITDIR INST.qcow2} disk=${2:?usage: argv KITDIR INST.qcow2}
-    local append="console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 tsc=reliable 8250.nr_uarts=1"
+    local kernel=${VM_KERNEL:-}
+    if [ -z "$kernel" ]; then kernel=$kit/vmlinux; [ -s "$kernel" ] || kernel=$kit/vmlinuz; fi
+    local append="console=ttyS0 panic=-1 tsc_early_khz=2000000 tsc=reliable $VM_FAST_APPEND"
     append+=" uc.hostname=$VM_HOSTNAME uc.stop_grace=$VM_STOP_GRACE"
     [ -z "$VM_TAP" ] || append+=" uc.ip=$VM_IP uc.gw=$VM_GW uc.dns=$VM_DNS"
     [ -z "$VM_EXTRA_APPEND" ] || append+=" $VM_EXTRA_APPEND"
     local serial=stdio; [ "$VM_SERIAL" = stdio ] || serial=file:$VM_SERIAL
     printf '%s\n' timeout --kill-after=5 "$VM_TIMEOUT" "$QEMU" \
-        -M microvm,x-option-roms=off,rtc=off,pic=off,pcie=off,usb=off,acpi=on \
+        -M microvm,acpi=on,rtc=on,pic=off,pit=off,pcie=off,usb=off \
         -accel tcg -cpu "$VM_CPU" -smp "$VM_SMP" -m "$VM_MEM" \
         -nodefaults -no-user-config -display none -no-reboot \
         -serial "$serial" \
-        -kernel "$kit/vmlinuz" -initrd "$kit/initrd.img" -append "$append" \
+        -kernel "$kernel" -initrd "$kit/initrd.img" -append "$append" \
         -drive "id=d0,file=$disk,format=qcow2,if=none,cache=unsafe,discard=unmap" \
         -device virtio-blk-device,drive=d0
     [ -z "$VM_TAP" ] || printf '%s\n' \

@@ -465,6 +465,9 @@ impl Workloads {
                 let t = std::time::Instant::now();
                 match rt.create(w).await {
                     Ok(()) => {
+                        if let Err(e) = uc_workload::net::forget_neighbor(w.address).await {
+                            tracing::debug!(error = %e, "forgetting the old neighbour entry");
+                        }
                         tracing::info!(container = %id.short(), service = %w.service, address = %w.address, ms = t.elapsed().as_millis() as u64, "workload started");
                         self.set_error(&id, None);
                     }

@@ -86,9 +86,42 @@ fn main() -> anyhow::Result<()> {
     )?;
     let dockerd = Dockerd::start(&c.machine(1).netns, &docker_dir)?;
     c.uc(0, &["image", "import", image.to_str().context("path")?])?;
-    // Warm-up: m1 fetches the image over the mesh once.
+    // Warm-up: m1 fetches the image over the mesh once; its agent finds its Docker engine (it
+    // started after the agent), makes the network and imports the image.
     uc_json(&c, 0, &["run", "-n", "warm", "-m", "m1", "demo"])?;
     uc_json(&c, 0, &["rm", "warm"])?;
+    eventually(Duration::from_secs(60), "m1 runs Docker", || {
+        uc_json(
+            &c,
+            0,
+            &[
+                "run",
+                "-n",
+                "dwarm",
+                "--runtime",
+                "docker",
+                "-m",
+                "m1",
+                "demo",
+            ],
+        )
+    })?;
+    uc_json(&c, 0, &["rm", "dwarm"])?;
+    eventually(Duration::from_secs(60), "dwarm removed", || {
+        let out = dockerd.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
+        if !out.stdout.is_empty() {
+            bail!("Docker containers left on m1");
+        }
+        Ok(())
+    })?;
+    let dir = c.machine(1).data_dir.join("workloads");
+    eventually(Duration::from_secs(30), "warm removed", || {
+        let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        if left > 0 {
+            bail!("{left} workload dirs left on m1");
+        }
+        Ok(())
+    })?;
 
     let mut uc_times = Vec::new();
     for r in 0..args.rounds {
@@ -218,25 +251,6 @@ fn main() -> anyhow::Result<()> {
 /// Docker, round by round: `uc run --runtime docker` placed on m1 and answered over the mesh
 /// from m0, then bare `docker run -d` of the same image on m1's engine, answered on m1.
 fn docker_rounds(c: &Cluster, d: &Dockerd, rounds: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    // m1's agent finds its engine (it started after the agent), then a warm-up run makes the
-    // network and imports the image.
-    eventually(Duration::from_secs(60), "m1 runs Docker", || {
-        uc_json(
-            c,
-            0,
-            &[
-                "run",
-                "-n",
-                "dwarm",
-                "--runtime",
-                "docker",
-                "-m",
-                "m1",
-                "demo",
-            ],
-        )
-    })?;
-    uc_json(c, 0, &["rm", "dwarm"])?;
     let images = d.docker(&["images", "--format", "{{.Repository}}:{{.Tag}}", "uc/demo"])?;
     let reference = String::from_utf8_lossy(&images.stdout)
         .lines()

@@ -453,16 +453,19 @@ impl Docker {
                 image.name
             )));
         }
+        let t0 = std::time::Instant::now();
         let reference = {
             let _setup = self.setup.lock().await;
             self.ensure_network(w.gateway, w.prefix).await?;
             self.ensure_image(&image).await?
         };
+        let t_setup = t0.elapsed();
         let docker = self.client().await?;
         // A container of this id from an attempt that did not finish.
         if let Some(old) = self.find(&w.id).await? {
             remove_quietly(docker, &old).await?;
         }
+        let t_find = t0.elapsed();
         let name = format!("uc-{}", w.hostname());
         docker
             .create_container(
@@ -474,10 +477,19 @@ impl Docker {
             )
             .await
             .map_err(|e| other("creating the Docker container", e))?;
+        let t_create = t0.elapsed();
         docker
             .start_container(&name, None)
             .await
-            .map_err(|e| other("starting the Docker container", e))
+            .map_err(|e| other("starting the Docker container", e))?;
+        tracing::debug!(
+            setup_ms = t_setup.as_millis() as u64,
+            find_ms = (t_find - t_setup).as_millis() as u64,
+            create_ms = (t_create - t_find).as_millis() as u64,
+            start_ms = (t0.elapsed() - t_create).as_millis() as u64,
+            "Docker container made"
+        );
+        Ok(())
     }
 }
 

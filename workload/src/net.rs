@@ -70,6 +70,42 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
     }
 }
 
+/// Drops the bridge's neighbour (ARP) entry for `addr`, if any. Packets sent to a workload's
+/// address before it existed leave an entry that is incomplete or failed, or, when the
+/// address was another workload's before, one with that workload's MAC; the kernel would
+/// resolve it again only at its next probe, up to a second or more later. Called once a
+/// workload has started, so that the first packet to it asks afresh.
+pub async fn forget_neighbor(addr: Ipv4Addr) -> Result<(), NetError> {
+    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+    let h = handle()?;
+    let Some(bridge) = link_index(&h, BRIDGE).await? else {
+        return Ok(());
+    };
+    let mut entries = h
+        .neighbours()
+        .get()
+        .set_address_family(rtnetlink::packet_route::AddressFamily::Inet)
+        .execute();
+    let mut found = Vec::new();
+    while let Some(m) = entries.try_next().await.map_err(nl("listing neighbours"))? {
+        let is_it = m.header.ifindex == bridge
+            && m.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) if *a == addr)
+            });
+        if is_it {
+            found.push(m);
+        }
+    }
+    for m in found {
+        match h.neighbours().del(m).execute().await {
+            Ok(()) => {}
+            Err(e) if is_code(&e, libc::ENOENT) => {}
+            Err(e) => return Err(nl(format!("forgetting the neighbour {addr}"))(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Whether this network namespace has a link called `name`.
 pub async fn has_link(name: &str) -> Result<bool, NetError> {
     Ok(link_index(&handle()?, name).await?.is_some())

@@ -6,18 +6,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use uc_proto::ContainerId;
 use uc_proto::spec::RuntimeKind;
 
 use crate::image::ImageStore;
-use crate::reconcile::Seen;
-use crate::runtime::{Meta, Runtime, RuntimeError, Status, Workload, WorkloadDirs, io_err};
+use crate::runtime::{Runtime, RuntimeError, Status, Workload, WorkloadDirs, io_err};
 use crate::{cgroup, net, shim};
 
 /// MTU inside workloads: the mesh's, so packets to other machines need no fragmenting.
@@ -156,60 +152,7 @@ impl Nspawn {
     async fn spawn_shim(&self, w: &Workload) -> Result<(), RuntimeError> {
         let image = self.images.require(&w.spec.image)?;
         let argv = self.command(w, &image)?;
-        let dir = self.dirs.dir(&w.id);
-        let mut cmd = tokio::process::Command::new(&self.shim_exe);
-        cmd.arg("shim")
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--id")
-            .arg(w.id.as_str());
-        if let Some(m) = w.spec.memory {
-            cmd.arg("--memory").arg(m.to_string());
-        }
-        if let Some(c) = w.spec.cpu {
-            cmd.arg("--cpu").arg(c.to_string());
-        }
-        cmd.arg("--").args(&argv);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        let _ = fs::remove_file(shim::exit_path(&dir));
-        let _ = fs::remove_file(shim::shim_pid_path(&dir));
-        let mut child = cmd
-            .spawn()
-            .map_err(io_err("starting the shim", &self.shim_exe))?;
-        // Reap it when it ends; a restarted agent's init-reparented shims are reaped by init.
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        // The shim writes its pid first thing; wait for it so that a
-        // status right after says running.
-        for _ in 0..200 {
-            if self.dirs.live_shim(&w.id).is_some() || shim::exit_path(&dir).exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
-    }
-
-    /// The workload's spec as it was created (kept for restarts).
-    fn saved_workload(&self, id: &ContainerId) -> Result<Workload, RuntimeError> {
-        let p = self.dirs.dir(id).join("workload.json");
-        let bytes = fs::read(&p).map_err(|_| RuntimeError::NotFound(id.clone()))?;
-        let s: SavedWorkload = serde_json::from_slice(&bytes)
-            .map_err(|e| RuntimeError::Other(format!("{}: {e}", p.display())))?;
-        Ok(Workload {
-            id: id.clone(),
-            service: s.service,
-            spec: s.spec,
-            address: s.address,
-            prefix: s.prefix,
-            gateway: s.gateway,
-            machine: s.machine,
-            digest: s.digest,
-        })
+        crate::runtime::spawn_shim(&self.dirs, &self.shim_exe, w, &argv).await
     }
 
     async fn start_workload(&self, w: &Workload) -> Result<(), RuntimeError> {
@@ -232,17 +175,6 @@ impl Nspawn {
     }
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SavedWorkload {
-    service: String,
-    spec: uc_proto::spec::ServiceSpec,
-    address: std::net::Ipv4Addr,
-    prefix: u8,
-    gateway: std::net::Ipv4Addr,
-    machine: String,
-    digest: String,
-}
-
 pub fn is_mountpoint(p: &Path) -> bool {
     let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
         return false;
@@ -258,10 +190,6 @@ fn unescape_mount(s: &str) -> String {
         .replace("\\011", "\t")
         .replace("\\012", "\n")
         .replace("\\134", "\\")
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[async_trait::async_trait]
@@ -295,48 +223,13 @@ impl Runtime for Nspawn {
     }
 
     async fn list(&self) -> Vec<Status> {
-        self.dirs
-            .all(RuntimeKind::Nspawn)
-            .into_iter()
-            .map(|meta| {
-                let seen = self.dirs.seen(&meta);
-                let pid = match seen {
-                    Seen::Running { .. } => self.dirs.child_pid(&meta.id),
-                    Seen::Exited { .. } => None,
-                };
-                Status { meta, seen, pid }
-            })
-            .collect()
+        self.dirs.statuses(RuntimeKind::Nspawn)
     }
 
     async fn create(&self, w: &Workload) -> Result<(), RuntimeError> {
         let image = self.images.require(&w.spec.image)?;
         self.command(w, &image)?;
-        let dir = self.dirs.dir(&w.id);
-        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-        let saved = SavedWorkload {
-            service: w.service.clone(),
-            spec: w.spec.clone(),
-            address: w.address,
-            prefix: w.prefix,
-            gateway: w.gateway,
-            machine: w.machine.clone(),
-            digest: w.digest.clone(),
-        };
-        let p = dir.join("workload.json");
-        shim::write_atomic(&p, &serde_json::to_vec_pretty(&saved).expect("serializes"))
-            .map_err(io_err("writing", &p))?;
-        self.dirs.write_meta(&Meta {
-            id: w.id.clone(),
-            service: w.service.clone(),
-            runtime: RuntimeKind::Nspawn,
-            digest: w.digest.clone(),
-            address: w.address,
-            image: w.spec.image.clone(),
-            created_ms: shim::now_ms(),
-            started_ms: shim::now_ms(),
-            restarts: 0,
-        })?;
+        self.dirs.save_workload(w, RuntimeKind::Nspawn)?;
         if let Err(e) = self.start_workload(w).await {
             let _ = self.remove(&w.id).await;
             return Err(e);
@@ -348,7 +241,7 @@ impl Runtime for Nspawn {
         if self.dirs.live_shim(id).is_some() {
             return Ok(());
         }
-        let w = self.saved_workload(id)?;
+        let w = self.dirs.saved_workload(id)?;
         if let Some(mut m) = self.dirs.read_meta(id) {
             m.restarts += 1;
             self.dirs.write_meta(&m)?;
@@ -357,33 +250,9 @@ impl Runtime for Nspawn {
     }
 
     async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError> {
-        let Some(shim_pid) = self.dirs.live_shim(id) else {
-            return Ok(());
-        };
-        if let Some(pid) = self.dirs.child_pid(id) {
-            // nspawn turns SIGTERM into an orderly stop of the container;
-            // SIGKILL would orphan the container's init.
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        while pid_alive(shim_pid) && self.dirs.live_shim(id).is_some() {
-            if tokio::time::Instant::now() >= deadline {
-                for p in cgroup::pids(id.as_str()) {
-                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-                }
-                if let Some(pid) = self.dirs.child_pid(id) {
-                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                }
-            }
-            if tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
-                return Err(RuntimeError::Other(format!(
-                    "container {} did not stop",
-                    id.short()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        // nspawn turns SIGTERM into an orderly stop of the container; SIGKILL would orphan
+        // the container's init.
+        self.dirs.stop_shim(id, grace).await
     }
 
     async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError> {

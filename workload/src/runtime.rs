@@ -5,7 +5,11 @@
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use serde::{Deserialize, Serialize};
 use uc_proto::ContainerId;
@@ -115,6 +119,65 @@ pub trait Runtime: Send + Sync {
     async fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine>;
 }
 
+/// A workload as it was created, kept in `workload.json` for restarts.
+#[derive(Serialize, Deserialize)]
+struct SavedWorkload {
+    service: String,
+    spec: ServiceSpec,
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+    machine: String,
+    digest: String,
+}
+
+/// Starts `ucd shim` for the workload, running `argv`, and waits until it has written its pid
+/// (so that a status right after says running). Used by the runtimes whose process uc runs
+/// itself (nspawn, QEMU).
+pub(crate) async fn spawn_shim(
+    dirs: &WorkloadDirs,
+    shim_exe: &Path,
+    w: &Workload,
+    argv: &[String],
+) -> Result<(), RuntimeError> {
+    let dir = dirs.dir(&w.id);
+    let mut cmd = tokio::process::Command::new(shim_exe);
+    cmd.arg("shim")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--id")
+        .arg(w.id.as_str());
+    if let Some(m) = w.spec.memory {
+        cmd.arg("--memory").arg(m.to_string());
+    }
+    if let Some(c) = w.spec.cpu {
+        cmd.arg("--cpu").arg(c.to_string());
+    }
+    cmd.arg("--").args(argv);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let _ = fs::remove_file(shim::exit_path(&dir));
+    let _ = fs::remove_file(shim::shim_pid_path(&dir));
+    let mut child = cmd.spawn().map_err(io_err("starting the shim", shim_exe))?;
+    // Reap it when it ends; a restarted agent's init-reparented shims are reaped by init.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    for _ in 0..200 {
+        if dirs.live_shim(&w.id).is_some() || shim::exit_path(&dir).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// The workloads directory of a machine.
 #[derive(Clone, Debug)]
 pub struct WorkloadDirs {
@@ -138,6 +201,98 @@ impl WorkloadDirs {
         let p = self.dir(&m.id).join("meta.json");
         shim::write_atomic(&p, &serde_json::to_vec_pretty(m).expect("meta serializes"))
             .map_err(io_err("writing", &p))
+    }
+
+    /// Makes the workload's directory with `workload.json` and `meta.json`.
+    pub fn save_workload(&self, w: &Workload, kind: RuntimeKind) -> Result<(), RuntimeError> {
+        let dir = self.dir(&w.id);
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let saved = SavedWorkload {
+            service: w.service.clone(),
+            spec: w.spec.clone(),
+            address: w.address,
+            prefix: w.prefix,
+            gateway: w.gateway,
+            machine: w.machine.clone(),
+            digest: w.digest.clone(),
+        };
+        let p = dir.join("workload.json");
+        shim::write_atomic(&p, &serde_json::to_vec_pretty(&saved).expect("serializes"))
+            .map_err(io_err("writing", &p))?;
+        self.write_meta(&Meta {
+            id: w.id.clone(),
+            service: w.service.clone(),
+            runtime: kind,
+            digest: w.digest.clone(),
+            address: w.address,
+            image: w.spec.image.clone(),
+            created_ms: shim::now_ms(),
+            started_ms: shim::now_ms(),
+            restarts: 0,
+        })
+    }
+
+    /// The workload as [`Self::save_workload`] kept it.
+    pub fn saved_workload(&self, id: &ContainerId) -> Result<Workload, RuntimeError> {
+        let p = self.dir(id).join("workload.json");
+        let bytes = fs::read(&p).map_err(|_| RuntimeError::NotFound(id.clone()))?;
+        let s: SavedWorkload = serde_json::from_slice(&bytes)
+            .map_err(|e| RuntimeError::Other(format!("{}: {e}", p.display())))?;
+        Ok(Workload {
+            id: id.clone(),
+            service: s.service,
+            spec: s.spec,
+            address: s.address,
+            prefix: s.prefix,
+            gateway: s.gateway,
+            machine: s.machine,
+            digest: s.digest,
+        })
+    }
+
+    /// The statuses of this runtime's workloads, from their directories and shims.
+    pub fn statuses(&self, kind: RuntimeKind) -> Vec<Status> {
+        self.all(kind)
+            .into_iter()
+            .map(|meta| {
+                let seen = self.seen(&meta);
+                let pid = match seen {
+                    Seen::Running { .. } => self.child_pid(&meta.id),
+                    Seen::Exited { .. } => None,
+                };
+                Status { meta, seen, pid }
+            })
+            .collect()
+    }
+
+    /// Stops a shim's workload: SIGTERM to its process, then after `grace` SIGKILL to all of
+    /// its cgroup.
+    pub async fn stop_shim(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError> {
+        let Some(shim_pid) = self.live_shim(id) else {
+            return Ok(());
+        };
+        if let Some(pid) = self.child_pid(id) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while pid_alive(shim_pid) && self.live_shim(id).is_some() {
+            if tokio::time::Instant::now() >= deadline {
+                for p in crate::cgroup::pids(id.as_str()) {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+                if let Some(pid) = self.child_pid(id) {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
+                return Err(RuntimeError::Other(format!(
+                    "container {} did not stop",
+                    id.short()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Every workload directory with a readable `meta.json` of this runtime.
