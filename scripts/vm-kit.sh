@@ -48,7 +48,7 @@ KERNEL_PKG=${KERNEL_PKG:-linux-image-cloud-amd64}  # meta package -> versioned o
 # crc16 and crc32c are built in, so the disk needs no more. button + evdev give
 # the power button, which is how the host asks for a graceful stop.
 KIT_MODULES=${KIT_MODULES:-"virtio_mmio virtio_blk virtio_net button evdev"}
-KIT_VERSION=5          # bump when GUEST_INIT or the kit layout changes
+KIT_VERSION=8          # bump when GUEST_INIT or the kit layout changes
 
 VM_MEM=${VM_MEM:-256}              # MiB of guest RAM
 VM_SMP=${VM_SMP:-1}
@@ -67,6 +67,7 @@ VM_EXTRA_APPEND=${VM_EXTRA_APPEND:-}
 # Boot-time savers under TCG (measured in NOTES.md): together about -0.5 s.
 # mitigations=off only drops guest-internal hardening (one workload per VM).
 VM_FAST_APPEND=${VM_FAST_APPEND-"quiet pci=off 8250.nr_uarts=1 cryptomgr.notests mitigations=off nokaslr init_on_alloc=0 page_alloc.shuffle=0 audit=0 lsm=lockdown,yama,integrity"}
+VM_DISK_CACHE=${VM_DISK_CACHE:-writeback}  # "unsafe" is fine for throw-away overlays
 VM_KERNEL=${VM_KERNEL:-}           # default: KITDIR/vmlinux (PVH) if there, else vmlinuz
 
 QEMU=${QEMU:-qemu-system-x86_64}
@@ -157,20 +158,27 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev shm $R/dev/shm
 mount --bind /bin $R/.uc/bin && mount -o remount,bind,ro $R/.uc/bin
 
-# argv: env -i [defaults] [image env] sh -c 'cd WORKDIR && exec "$@"' WORKDIR CMD...
+# argv: env -i [defaults] [image env] sh -c 'cd WORKDIR && exec "$@"' uc-exec WORKDIR CMD...
 WD=/
 [ ! -s $R/.uc/workdir ] || WD=$(cat $R/.uc/workdir)
 set -- PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root HOSTNAME="$UC_HOSTNAME" TERM=linux
 if [ -f $R/.uc/env ]; then
     while IFS= read -r l || [ -n "$l" ]; do [ -z "$l" ] || set -- "$@" "$l"; done <$R/.uc/env
 fi
-set -- "$@" /.uc/bin/sh -c 'cd "$0" || exit 126; exec "$@"' "$WD"
+set -- "$@" /.uc/bin/sh -c 'cd "$1" || exit 126; shift; unset OLDPWD SHLVL; exec "$@"' uc-exec "$WD"
 n=$#
 while IFS= read -r l || [ -n "$l" ]; do set -- "$@" "$l"; done <$R/.uc/cmd
 [ $# -gt $n ] || fail "empty /.uc/cmd"
 
-say "start $(cat /proc/uptime | cut -d' ' -f1)s"
-chroot $R /.uc/bin/env -i "$@" &
+# stdout+stderr go through a pipe (as under Docker without -t: the workload
+# sees no tty, so it buffers and colours as it would there); cat copies the
+# pipe to the serial console.
+mkdir -p /run && mkfifo /run/uc-out
+cat /run/uc-out &
+copier=$!
+read -r UP _ </proc/uptime
+say "start ${UP}s"
+chroot $R /.uc/bin/env -i "$@" </dev/null >/run/uc-out 2>&1 &
 pid=$!
 
 # Graceful stop: any event from the power button (QMP system_powerdown).
@@ -188,9 +196,12 @@ for e in /sys/class/input/event*; do
     break
 done
 
-wait $pid
+wait $pid 2>/dev/null   # (2>: no "Terminated"/"Killed" line from the shell)
 rc=$?
 [ -z "${watcher:-}" ] || kill $watcher 2>/dev/null
+# Let the copier drain the pipe (it ends when no process holds it open any more,
+# so give up after 1 s: a leftover child of the workload may hold it).
+i=0; while [ $i -lt 100 ] && kill -0 $copier 2>/dev/null; do usleep 10000; i=$((i + 1)); done
 kill -TERM -1 2>/dev/null; usleep 100000; kill -KILL -1 2>/dev/null
 umount $R/.uc/bin $R/dev/shm $R/dev/pts $R/dev $R/sys $R/proc 2>/dev/null
 umount $R 2>/dev/null || mount -o remount,ro $R 2>/dev/null
@@ -238,9 +249,9 @@ cmd_kit() {
 
     # 2. The initramfs tree.
     local r=$w/root
-    mkdir -p "$r"/{bin,dev,proc,sys,newroot,lib/modules,etc}
+    mkdir -p "$r"/{bin,dev,proc,sys,run,newroot,lib/modules,etc}
     cp /bin/busybox "$r/bin/busybox"
-    file -L "$r/bin/busybox" | grep -q 'statically linked' || die "/bin/busybox is not static (install busybox-static)"
+    ! readelf -l "$r/bin/busybox" | grep -q INTERP || die "/bin/busybox is not static (install busybox-static)"
     local a
     for a in $("$r/bin/busybox" --list); do [ "$a" = busybox ] || ln -s busybox "$r/bin/$a"; done
     mknod -m 600 "$r/dev/console" c 5 1
@@ -371,7 +382,7 @@ cmd_argv() {
         -nodefaults -no-user-config -display none -no-reboot \
         -serial "$serial" \
         -kernel "$kernel" -initrd "$kit/initrd.img" -append "$append" \
-        -drive "id=d0,file=$disk,format=qcow2,if=none,cache=unsafe,discard=unmap" \
+        -drive "id=d0,file=$disk,format=qcow2,if=none,cache=$VM_DISK_CACHE,discard=unmap" \
         -device virtio-blk-device,drive=d0
     [ -z "$VM_TAP" ] || printf '%s\n' \
         -netdev "tap,id=n0,ifname=$VM_TAP,script=no,downscript=no,vhost=off" \
@@ -408,18 +419,21 @@ cmd_demo() {
     need_root
     local runs=${1:-1}
     local base=/var/tmp/vmkit
-    local kit=$base/kit ns="vmk-$$" br=ucbr0 tap=uctap0
-    local run=$base/run.$$
+    local kit=$base/kit br=ucbr0 tap=uctap0
+    # Globals, not locals: the EXIT trap runs after this function has returned.
+    DEMO_NS= DEMO_RUN=$base/run.$$ DEMO_QPID=
+    local ns="vmk-$$" run=$DEMO_RUN
     mkdir -p "$base" "$run"
-    local qpid=
-    cleanup() {
+    demo_cleanup() {
         set +e
-        [ -z "$qpid" ] || kill -TERM "$qpid" 2>/dev/null
-        [ -z "$qpid" ] || wait "$qpid" 2>/dev/null
-        ip netns del "$ns" 2>/dev/null        # takes the bridge and tap with it
-        rm -rf "$run"
+        if [ -n "${DEMO_QPID:-}" ]; then
+            kill -TERM "$DEMO_QPID" 2>/dev/null; wait "$DEMO_QPID" 2>/dev/null
+        fi
+        [ -z "$DEMO_NS" ] || ip netns del "$DEMO_NS" 2>/dev/null  # takes the bridge and tap along
+        rm -rf "$DEMO_RUN"
     }
-    trap cleanup EXIT INT TERM
+    trap demo_cleanup EXIT
+    trap 'exit 130' INT TERM
 
     cmd_kit "$kit"
     if [ ! -s "$base/demo.qcow2" ]; then
@@ -429,15 +443,19 @@ cmd_demo() {
         cmd_disk "$run/rootfs" "$base/demo.qcow2"
     fi
 
-    # A namespace of our own: bridge 10.210.7.1/24 + tap; nothing in the root netns.
+    # A namespace of our own: bridge at VM_GW (10.210.7.1/24) + tap; nothing in the root netns.
     ip netns add "$ns"
+    DEMO_NS=$ns   # ours from here on: the EXIT trap removes it
     ip -n "$ns" link set lo up
     ip -n "$ns" link add "$br" type bridge
-    ip -n "$ns" addr add 10.210.7.1/24 dev "$br"
+    ip -n "$ns" addr add "$VM_GW/${VM_IP#*/}" dev "$br"
     ip -n "$ns" link set "$br" up
     ip -n "$ns" tuntap add dev "$tap" mode tap
     ip -n "$ns" link set "$tap" master "$br"
     ip -n "$ns" link set "$tap" up
+    # The host chose the guest's MAC, so it needs no ARP: without this entry a
+    # probe sent before the guest is up waits out ARP's 1 s retry.
+    ip -n "$ns" neigh replace "${VM_IP%/*}" lladdr "$VM_MAC" dev "$br" nud permanent
 
     local i times=()
     for i in $(seq 1 "$runs"); do
@@ -450,25 +468,25 @@ cmd_demo() {
         local t0 t1 ok=
         t0=$(date +%s%N)
         ip netns exec "$ns" "${argv[@]}" &
-        qpid=$!
-        while kill -0 "$qpid" 2>/dev/null; do
-            if ip netns exec "$ns" curl -s -m 1 -o "$run/body" http://10.210.7.5/ 2>/dev/null; then ok=1; break; fi
+        DEMO_QPID=$!
+        while kill -0 "$DEMO_QPID" 2>/dev/null; do
+            if ip netns exec "$ns" curl -s --connect-timeout 0.2 -m 2 -o "$run/body" "http://${VM_IP%/*}/" 2>/dev/null; then ok=1; break; fi
             sleep 0.05
         done
         t1=$(date +%s%N)
         [ -n "$ok" ] || { cat "$run/console.log" >&2; die "run $i: no HTTP answer, qemu ended"; }
         local ms=$(( (t1 - t0) / 1000000 ))
         times+=("$ms")
-        local hello; hello=$(ip netns exec "$ns" curl -s -m 2 http://10.210.7.5/cgi-bin/hello || true)
+        local hello; hello=$(ip netns exec "$ns" curl -s -m 2 "http://${VM_IP%/*}/cgi-bin/hello" || true)
         log "run $i: first HTTP answer after ${ms} ms ($(head -c 60 "$run/body" | tr -d '\n')); cgi: $hello"
 
         # Graceful stop: power button -> guest SIGTERMs httpd -> poweroff -> qemu exits.
         local s0 s1 rc=0
         s0=$(date +%s%N)
         cmd_stop "$run/qmp.sock" powerdown
-        wait "$qpid" || rc=$?
+        wait "$DEMO_QPID" || rc=$?
         s1=$(date +%s%N)
-        qpid=
+        DEMO_QPID=
         log "run $i: stopped in $(( (s1 - s0) / 1000000 )) ms, qemu exit $rc; console:"
         sed 's/\r$//; s/^/    | /' "$run/console.log" >&2
     done
