@@ -4,8 +4,9 @@
 #
 #   vm-kit.sh kit OUTDIR
 #       Builds the shared boot kit once (cached): OUTDIR/vmlinuz (Debian's cloud
-#       kernel) and OUTDIR/initrd.img (busybox-static, the virtio modules and
-#       uc's /init). OUTDIR/modules.txt lists the modules, in load order.
+#       kernel), OUTDIR/vmlinux (the same, uncompressed, booted via PVH: faster)
+#       and OUTDIR/initrd.img (busybox-static, the virtio modules and uc's
+#       /init). OUTDIR/modules.txt lists the modules, in load order.
 #   vm-kit.sh disk [-e K=V]... [-w WORKDIR] ROOTFS_DIR OUT.qcow2 [CMD...]
 #       Makes a base disk: ext4 of ROOTFS_DIR plus /.uc/{cmd,env,workdir}, as
 #       qcow2. Without CMD, cmd/env/workdir come from ROOTFS_DIR/.uc-image.json.
@@ -34,9 +35,10 @@
 #         after uc.stop_grace seconds (default 10), then poweroff.
 #   the guest always powers off when the workload exits, so QEMU exits.
 #
-# Needs root, and: qemu-system-x86 (>= 7.2; tested 10.0.2), qemu-utils,
-# busybox-static, e2fsprogs, curl, python3 (only for `stop`/`demo`), jq or
-# python3 (only to read .uc-image.json).
+# Needs root, and: qemu-system-x86 (tested 10.0.2 from bookworm-backports, to
+# match the machine's qemu-utils 10), qemu-utils, busybox-static, e2fsprogs,
+# binutils (readelf), lz4 (optional: the PVH vmlinux), iproute2 + curl (demo),
+# python3 (`stop`, `demo`), jq or python3 (to read .uc-image.json).
 set -euo pipefail
 
 # ---------------------------------------------------------------- settings --
@@ -48,7 +50,7 @@ KERNEL_PKG=${KERNEL_PKG:-linux-image-cloud-amd64}  # meta package -> versioned o
 # crc16 and crc32c are built in, so the disk needs no more. button + evdev give
 # the power button, which is how the host asks for a graceful stop.
 KIT_MODULES=${KIT_MODULES:-"virtio_mmio virtio_blk virtio_net button evdev"}
-KIT_VERSION=8          # bump when GUEST_INIT or the kit layout changes
+KIT_VERSION=9          # bump when the kit layout changes (GUEST_INIT is hashed)
 
 VM_MEM=${VM_MEM:-256}              # MiB of guest RAM
 VM_SMP=${VM_SMP:-1}
@@ -98,7 +100,7 @@ fail() { say "fatal: $*"; say "exit 255"; halt_now; }
 
 # Settings from the kernel command line.
 set -f
-UC_IP= UC_GW= UC_DNS= UC_HOSTNAME=uc UC_GRACE=10
+UC_IP='' UC_GW='' UC_DNS='' UC_HOSTNAME=uc UC_GRACE=10
 for w in $(cat /proc/cmdline); do
     case "$w" in
         uc.ip=*) UC_IP=${w#*=} ;;
@@ -123,9 +125,11 @@ R=/newroot
 mount -t ext4 -o noatime /dev/vda $R || fail "cannot mount /dev/vda"
 [ -f $R/.uc/cmd ] || fail "no /.uc/cmd on the disk"
 
-# Identity and name resolution, written into the instance's disk.
+# Identity and name resolution, written into the instance's disk (rm first:
+# an image's symlink must not redirect the write into the initramfs).
 hostname "$UC_HOSTNAME"
 mkdir -p $R/etc
+rm -f $R/etc/hostname $R/etc/hosts
 echo "$UC_HOSTNAME" >$R/etc/hostname
 if [ -n "$UC_DNS" ]; then
     rm -f $R/etc/resolv.conf
@@ -183,9 +187,9 @@ pid=$!
 
 # Graceful stop: any event from the power button (QMP system_powerdown).
 for e in /sys/class/input/event*; do
-    [ "$(cat $e/device/name 2>/dev/null)" = "Power Button" ] || continue
+    [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] || continue
     (
-        dd if=/dev/input/${e##*/} of=/dev/null bs=24 count=1 2>/dev/null || exit 0
+        dd if="/dev/input/${e##*/}" of=/dev/null bs=24 count=1 2>/dev/null || exit 0
         say "power button: SIGTERM"
         kill -TERM $pid 2>/dev/null
         sleep "$UC_GRACE"
@@ -198,7 +202,7 @@ done
 
 wait $pid 2>/dev/null   # (2>: no "Terminated"/"Killed" line from the shell)
 rc=$?
-[ -z "${watcher:-}" ] || kill $watcher 2>/dev/null
+[ -z "${watcher:-}" ] || kill "$watcher" 2>/dev/null
 # Let the copier drain the pipe (it ends when no process holds it open any more,
 # so give up after 1 s: a leftover child of the workload may hold it).
 i=0; while [ $i -lt 100 ] && kill -0 $copier 2>/dev/null; do usleep 10000; i=$((i + 1)); done
@@ -223,12 +227,17 @@ resolve_mod() {
     RESOLVED="$RESOLVED $m"
 }
 
+# What the cached kit must match: layout version, module list, /init's hash.
+kit_key() {
+    echo "$KIT_VERSION $(printf '%s' "$GUEST_INIT" | sha256sum | cut -c1-16) $KIT_MODULES"
+}
+
 cmd_kit() {
     need_root
     local out=${1:?usage: kit OUTDIR}
     mkdir -p "$out"; out=$(cd "$out" && pwd)
     if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ] &&
-       [ "$(cat "$out/kit.version" 2>/dev/null)" = "$KIT_VERSION $KIT_MODULES" ]; then
+       [ "$(cat "$out/kit.version" 2>/dev/null)" = "$(kit_key)" ]; then
         log "kit cached in $out"; return 0
     fi
     local w; mkdir -p "$WORK"; w=$(mktemp -d "$WORK/kit.XXXXXX")
@@ -288,14 +297,14 @@ cmd_kit() {
     mv "$out/vmlinuz.tmp" "$out/vmlinuz"; mv "$out/initrd.img.tmp" "$out/initrd.img"
     cp "$r/lib/modules/load-order" "$out/modules.txt"
     echo "$kver" >"$out/kernel.version"
-    echo "$KIT_VERSION $KIT_MODULES" >"$out/kit.version"
+    kit_key >"$out/kit.version"
     log "kit in $out: kernel $kver, modules: $(tr '\n' ' ' <"$out/modules.txt")"
 }
 
 # ------------------------------------------------------------------- disk --
 cmd_disk() {
     need_root
-    local envs=() wd= a
+    local envs=() wd='' a
     while [ $# -gt 0 ]; do
         case "$1" in
             -e) envs+=("$2"); shift 2 ;;
@@ -421,7 +430,7 @@ cmd_demo() {
     local base=/var/tmp/vmkit
     local kit=$base/kit br=ucbr0 tap=uctap0
     # Globals, not locals: the EXIT trap runs after this function has returned.
-    DEMO_NS= DEMO_RUN=$base/run.$$ DEMO_QPID=
+    DEMO_NS='' DEMO_RUN=$base/run.$$ DEMO_QPID=''
     local ns="vmk-$$" run=$DEMO_RUN
     mkdir -p "$base" "$run"
     demo_cleanup() {
