@@ -211,16 +211,8 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
         id: service.to_string(),
         name: r.name,
         containers: containers
-            .into_iter()
-            .map(|c| ContainerInfo {
-                id: c.id.to_string(),
-                service: service.to_string(),
-                machine: names.get(&c.machine).cloned().unwrap_or_default(),
-                machine_id: c.machine.to_string(),
-                address: c.address.map(|a| a.to_string()).unwrap_or_default(),
-                desired: "running".into(),
-                status: None,
-            })
+            .iter()
+            .map(|c| container_info(c, service.as_str(), &names))
             .collect(),
     })
 }
@@ -475,15 +467,11 @@ pub async fn list_containers(node: &Node, service: &str) -> Result<ListContainer
                     state: "unknown".into(),
                     ..Default::default()
                 })),
-                id: c.id.to_string(),
-                service: services.get(&c.service).cloned().unwrap_or_default(),
-                machine: names.get(&c.machine).cloned().unwrap_or_default(),
-                machine_id: c.machine.to_string(),
-                address: c.address.map(|a| a.to_string()).unwrap_or_default(),
-                desired: match c.desired {
-                    DesiredState::Running => "running".into(),
-                    DesiredState::Stopped => "stopped".into(),
-                },
+                ..container_info(
+                    &c,
+                    services.get(&c.service).map_or("", String::as_str),
+                    &names,
+                )
             })
             .collect(),
     })

@@ -613,7 +613,8 @@ impl Runtime for Docker {
         {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %e, "listing Docker containers failed");
+                // Every pass asks; the probe reports an engine that went away, once.
+                tracing::debug!(error = %e, "listing Docker containers failed");
                 return Vec::new();
             }
         };
