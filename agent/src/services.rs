@@ -174,17 +174,7 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
     let names: BTreeMap<MachineId, String> =
         all.iter().map(|c| (c.id.clone(), c.name.clone())).collect();
     let now = now_ms();
-    let containers: Vec<Container> = placed
-        .into_iter()
-        .map(|(machine, address)| Container {
-            id: ContainerId::from_bytes(token::random16()),
-            service: service.clone(),
-            machine,
-            address: Some(address),
-            desired: DesiredState::Running,
-            created_at_ms: now,
-        })
-        .collect();
+    let containers = new_containers(&service, placed, now);
     let spec_json = spec.to_json();
     let written = containers.clone();
     let name = r.name.clone();
@@ -215,6 +205,25 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
             .map(|c| container_info(c, service.as_str(), &names))
             .collect(),
     })
+}
+
+/// New running containers of `service` where placement put them.
+fn new_containers(
+    service: &ServiceId,
+    placed: Vec<(MachineId, std::net::Ipv4Addr)>,
+    now: u64,
+) -> Vec<Container> {
+    placed
+        .into_iter()
+        .map(|(machine, address)| Container {
+            id: ContainerId::from_bytes(token::random16()),
+            service: service.clone(),
+            machine,
+            address: Some(address),
+            desired: DesiredState::Running,
+            created_at_ms: now,
+        })
+        .collect()
 }
 
 fn container_info(
@@ -301,18 +310,7 @@ pub async fn scale_service(
             spec.memory,
         )
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let added = placed
-            .into_iter()
-            .map(|(machine, address)| Container {
-                id: ContainerId::from_bytes(token::random16()),
-                service: service.id.clone(),
-                machine,
-                address: Some(address),
-                desired: DesiredState::Running,
-                created_at_ms: now,
-            })
-            .collect();
-        (added, Vec::new())
+        (new_containers(&service.id, placed, now), Vec::new())
     } else {
         let live: BTreeSet<MachineId> = all
             .iter()

@@ -16,7 +16,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::process::run_with_timeout;
-use crate::workloads::{mounts_under, processes_mentioning};
+use crate::workloads::{processes_mentioning, unmount_all_under};
 
 /// The root namespace's settings that a dockerd may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,13 +258,7 @@ impl Dockerd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mut mounts = mounts_under(&self.dir);
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            if let Err(e) = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH) {
-                problems.push(format!("unmounting {m}: {e}"));
-            }
-        }
+        problems.extend(unmount_all_under(&self.dir));
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             problems.push(format!("removing {}: {e}", self.dir.display()));
         }

@@ -57,8 +57,14 @@ pub fn cleanup(data_dir: &Path) -> Vec<String> {
         }
         uc_workload::cgroup::remove(id);
     }
-    // Every mount under the data directory, deepest first.
-    let mut mounts = mounts_under(data_dir);
+    problems.extend(unmount_all_under(data_dir));
+    problems
+}
+
+/// Unmounts every mount under `dir`, deepest first; says what it could not.
+pub fn unmount_all_under(dir: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut mounts = mounts_under(dir);
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {
         if let Err(e) = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH) {
