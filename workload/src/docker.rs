@@ -195,8 +195,8 @@ impl Docker {
         Ok(reference)
     }
 
-    /// Makes sure the network `uc` exists on the machine's /24 and the bridge takes traffic
-    /// from the mesh.
+    /// Makes sure the network `uc` exists on the machine's /24. (The FORWARD rules that let
+    /// the mesh in are the probe's: see [`Self::accept_from_mesh`].)
     async fn ensure_network(&self, gateway: Ipv4Addr, prefix: u8) -> Result<(), RuntimeError> {
         let docker = self.client().await?;
         net::ensure_bridge(gateway, prefix).await?;
@@ -233,7 +233,6 @@ impl Docker {
             }
             Err(e) => return Err(other("inspecting the Docker network", e)),
         }
-        self.accept_from_mesh().await;
         Ok(())
     }
 
@@ -324,19 +323,25 @@ impl Docker {
 
     /// The engine's container of a uc container id.
     async fn find(&self, id: &ContainerId) -> Result<Option<String>, RuntimeError> {
-        let docker = self.client().await?;
-        let list = docker
+        let list = self.labelled(format!("{LABEL_ID}={id}")).await?;
+        Ok(list.into_iter().find_map(|c| c.id))
+    }
+
+    /// The engine's containers, running or not, that match a label filter (`KEY` or
+    /// `KEY=VALUE`).
+    async fn labelled(
+        &self,
+        label: String,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, RuntimeError> {
+        self.client()
+            .await?
             .list_containers(Some(ListContainersOptions {
                 all: true,
-                filters: Some(HashMap::from([(
-                    "label".to_string(),
-                    vec![format!("{LABEL_ID}={id}")],
-                )])),
+                filters: Some(HashMap::from([("label".to_string(), vec![label])])),
                 ..Default::default()
             }))
             .await
-            .map_err(|e| other("listing Docker containers", e))?;
-        Ok(list.into_iter().find_map(|c| c.id))
+            .map_err(|e| other("listing Docker containers", e))
     }
 
     fn status_of(&self, c: &ContainerInspectResponse) -> Option<Status> {
@@ -600,17 +605,7 @@ impl Runtime for Docker {
         let Ok(docker) = self.client().await else {
             return Vec::new();
         };
-        let list = match docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(HashMap::from([(
-                    "label".to_string(),
-                    vec![LABEL_ID.to_string()],
-                )])),
-                ..Default::default()
-            }))
-            .await
-        {
+        let list = match self.labelled(LABEL_ID.to_string()).await {
             Ok(l) => l,
             Err(e) => {
                 // Every pass asks; the probe reports an engine that went away, once.
