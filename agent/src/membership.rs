@@ -174,26 +174,14 @@ pub async fn start(
                     let heads = heads_rx.borrow_and_update().clone();
                     chitchat.lock().await.self_node_state().set(KEY_HEADS, heads);
                 }
-                changed = async {
-                    match images_rx.as_mut() {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if changed.is_err() { break; }
-                    let images = images_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
-                    chitchat.lock().await.self_node_state().set(KEY_IMAGES, images.unwrap_or_default());
-                }
-                changed = async {
-                    match runtimes_rx.as_mut() {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if changed.is_err() { break; }
-                    let text = runtimes_rx.as_mut().map(|rx| rx.borrow_and_update().clone());
-                    chitchat.lock().await.self_node_state().set(KEY_RUNTIMES, text.unwrap_or_default());
-                }
+                text = next_text(&mut images_rx) => match text {
+                    Some(t) => chitchat.lock().await.self_node_state().set(KEY_IMAGES, t),
+                    None => break,
+                },
+                text = next_text(&mut runtimes_rx) => match text {
+                    Some(t) => chitchat.lock().await.self_node_state().set(KEY_RUNTIMES, t),
+                    None => break,
+                },
                 _ = load_tick.tick() => {
                     let learned = node.mesh.get().map(|m| m.learned_text()).unwrap_or_default();
                     let mut c = chitchat.lock().await;
@@ -349,6 +337,17 @@ fn load_average() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// The next value of a watched text (None once its sender is gone); never ready without one.
+async fn next_text(rx: &mut Option<tokio::sync::watch::Receiver<String>>) -> Option<String> {
+    match rx.as_mut() {
+        Some(rx) => {
+            rx.changed().await.ok()?;
+            Some(rx.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,15 @@ async fn probe(runtimes: &[Arc<dyn Runtime>]) -> BTreeMap<RuntimeKind, Result<()
     available
 }
 
+/// Sends `text` to the watchers if it differs from what they have; true if it did.
+fn publish(tx: &tokio::sync::watch::Sender<String>, text: String) -> bool {
+    tx.send_if_modified(|old| {
+        let changed = *old != text;
+        *old = text;
+        changed
+    })
+}
+
 /// The runtimes that work, as gossip carries them: `nspawn,docker`.
 fn runtimes_text(available: &BTreeMap<RuntimeKind, Result<(), String>>) -> String {
     available
@@ -132,14 +141,9 @@ impl Workloads {
         let now = probe(&self.runtimes).await;
         let text = runtimes_text(&now);
         *self.available.write().unwrap_or_else(|p| p.into_inner()) = now;
-        self.runtimes_tx.send_if_modified(|old| {
-            let changed = *old != text;
-            if changed {
-                tracing::info!(runtimes = %text, "the runtimes that work here changed");
-            }
-            *old = text;
-            changed
-        });
+        if publish(&self.runtimes_tx, text.clone()) {
+            tracing::info!(runtimes = %text, "the runtimes that work here changed");
+        }
     }
 
     /// The names of the images here, as gossip carries them, now and after every change.
@@ -149,12 +153,7 @@ impl Workloads {
 
     /// Tells gossip that the image store changed (an import or a fetch).
     pub fn images_changed(&self) {
-        let text = images_text(&self.images);
-        self.images_tx.send_if_modified(|old| {
-            let changed = *old != text;
-            *old = text;
-            changed
-        });
+        publish(&self.images_tx, images_text(&self.images));
     }
 
     fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
