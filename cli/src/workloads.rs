@@ -122,13 +122,7 @@ async fn wait_for(
 ) -> anyhow::Result<ListContainersResponse> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let ps = api
-            .list_containers(ListContainersRequest {
-                service: name.to_owned(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
+        let ps = containers(api, name).await?;
         let states: Vec<&str> = ps
             .containers
             .iter()
@@ -166,13 +160,32 @@ async fn wait_for(
     }
 }
 
-/// The services of a state dump (a map by id; a list is read too).
-fn services_of(state: &serde_json::Value) -> Vec<serde_json::Value> {
-    match &state["services"] {
+/// The services of the state (the dump holds a map by id; a list is read too).
+async fn services(api: &mut Api) -> anyhow::Result<Vec<serde_json::Value>> {
+    let state: serde_json::Value = serde_json::from_str(
+        &api.dump_state(DumpStateRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .json,
+    )?;
+    Ok(match &state["services"] {
         serde_json::Value::Object(m) => m.values().cloned().collect(),
         serde_json::Value::Array(a) => a.clone(),
         _ => Vec::new(),
-    }
+    })
+}
+
+/// The containers of a service (all, for ""), as the state and their machines say; an unknown
+/// service is the agent's error, which lists the services.
+async fn containers(api: &mut Api, service: &str) -> anyhow::Result<ListContainersResponse> {
+    Ok(api
+        .list_containers(ListContainersRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner())
 }
 
 /// `uc scale SVC N`.
@@ -264,50 +277,19 @@ pub async fn set_running(
 
 /// `uc inspect SVC`: the service's spec and its containers, as the state and their machines say.
 pub async fn inspect(api: &mut Api, name: String, json: bool) -> anyhow::Result<()> {
-    let state: serde_json::Value = serde_json::from_str(
-        &api.dump_state(DumpStateRequest {})
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .json,
-    )?;
-    let services = services_of(&state);
-    let Some(s) = services.iter().find(|s| s["name"] == name.as_str()) else {
-        let mut names: Vec<&str> = services.iter().filter_map(|s| s["name"].as_str()).collect();
-        names.sort();
-        anyhow::bail!(
-            "service {name:?} not found; services: {}",
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        );
+    let ps = containers(api, &name).await?;
+    let Some(s) = services(api)
+        .await?
+        .into_iter()
+        .find(|s| s["name"] == name.as_str())
+    else {
+        anyhow::bail!("service {name:?} was removed just now");
     };
-    let ps = api
-        .list_containers(ListContainersRequest {
-            service: name.clone(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let containers: Vec<serde_json::Value> = ps
-        .containers
-        .iter()
-        .map(|c| {
-            let st = c.status.clone().unwrap_or_default();
-            serde_json::json!({
-                "id": c.id, "machine": c.machine, "address": c.address, "desired": c.desired,
-                "state": st.state, "runtime": st.runtime, "since_unix_ms": st.since_unix_ms,
-                "exit_code": st.exit_code, "restarts": st.restarts, "pid": st.pid,
-                "error": st.error, "image": st.image,
-            })
-        })
-        .collect();
+    let container_values: Vec<serde_json::Value> = ps.containers.iter().map(status_json).collect();
     let spec = s["spec"].clone();
     let v = serde_json::json!({
         "id": s["id"], "name": name, "created_at_ms": s["created_at_ms"],
-        "spec": spec, "containers": containers,
+        "spec": spec, "containers": container_values,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -432,13 +414,7 @@ fn status_json(c: &ContainerInfo) -> serde_json::Value {
 }
 
 pub async fn ps(api: &mut Api, service: Option<String>, json: bool) -> anyhow::Result<()> {
-    let r = api
-        .list_containers(ListContainersRequest {
-            service: service.unwrap_or_default(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let r = containers(api, &service.unwrap_or_default()).await?;
     if json {
         let v: Vec<_> = r.containers.iter().map(status_json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -487,21 +463,10 @@ pub async fn ps(api: &mut Api, service: Option<String>, json: bool) -> anyhow::R
 }
 
 pub async fn ls(api: &mut Api, json: bool) -> anyhow::Result<()> {
-    let state: serde_json::Value = serde_json::from_str(
-        &api.dump_state(DumpStateRequest {})
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .json,
-    )?;
-    let ps = api
-        .list_containers(ListContainersRequest::default())
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let services = services(api).await?;
+    let ps = containers(api, "").await?;
     let mut rows = Vec::new();
     let mut out = Vec::new();
-    let services = services_of(&state);
     for s in services {
         let name = s["name"].as_str().unwrap_or("").to_string();
         let spec = ServiceSpec::from_json(&s["spec"]).ok();
