@@ -107,21 +107,8 @@ fn main() -> anyhow::Result<()> {
         )
     })?;
     uc_json(&c, 0, &["rm", "dwarm"])?;
-    eventually(Duration::from_secs(60), "dwarm removed", || {
-        let out = dockerd.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
-        if !out.stdout.is_empty() {
-            bail!("Docker containers left on m1");
-        }
-        Ok(())
-    })?;
-    let dir = c.machine(1).data_dir.join("workloads");
-    eventually(Duration::from_secs(30), "warm removed", || {
-        let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-        if left > 0 {
-            bail!("{left} workload dirs left on m1");
-        }
-        Ok(())
-    })?;
+    no_docker_containers(&dockerd)?;
+    no_workload_dirs(&c)?;
 
     let mut uc_times = Vec::new();
     for r in 0..args.rounds {
@@ -135,15 +122,7 @@ fn main() -> anyhow::Result<()> {
         let secs = first_answer(&c, 0, SocketAddr::from((addr, 80)), t0)?;
         uc_times.push(secs);
         uc_json(&c, 0, &["rm", &name])?;
-        // Gone for real (not only from the state): its address is free for the next round.
-        let dir = c.machine(1).data_dir.join("workloads");
-        eventually(Duration::from_secs(30), "removed", || {
-            let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-            if left > 0 {
-                bail!("{left} workload dirs left on m1");
-            }
-            Ok(())
-        })?;
+        no_workload_dirs(&c)?;
         eprintln!("uc round {r}: {:.0} ms", secs * 1e3);
     }
 
@@ -285,13 +264,7 @@ fn docker_rounds(c: &Cluster, d: &Dockerd, rounds: usize) -> anyhow::Result<(Vec
         let secs = first_answer(c, 0, SocketAddr::from((addr, 80)), t0)?;
         ucs.push(secs);
         uc_json(c, 0, &["rm", &name])?;
-        eventually(Duration::from_secs(30), "removed", || {
-            let out = d.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
-            if !out.stdout.is_empty() {
-                bail!("Docker containers left on m1");
-            }
-            Ok(())
-        })?;
+        no_docker_containers(d)?;
         eprintln!("uc docker round {r}: {:.0} ms", secs * 1e3);
 
         let t0 = Instant::now();
@@ -316,6 +289,30 @@ fn docker_rounds(c: &Cluster, d: &Dockerd, rounds: usize) -> anyhow::Result<(Vec
         eprintln!("bare docker round {r}: {:.0} ms", secs * 1e3);
     }
     Ok((ucs, bares))
+}
+
+/// Waits until m1 has no workload directory left: removed for real, not only from the state,
+/// so its address is free for the next round.
+fn no_workload_dirs(c: &Cluster) -> anyhow::Result<()> {
+    let dir = c.machine(1).data_dir.join("workloads");
+    eventually(Duration::from_secs(30), "workloads removed", || {
+        let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        if left > 0 {
+            bail!("{left} workload dirs left on m1");
+        }
+        Ok(())
+    })
+}
+
+/// Waits until m1's engine has no uc container left.
+fn no_docker_containers(d: &Dockerd) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(60), "Docker containers removed", || {
+        let out = d.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
+        if !out.stdout.is_empty() {
+            bail!("Docker containers left on m1");
+        }
+        Ok(())
+    })
 }
 
 fn nix_kill_term(pid: u32) -> std::io::Result<()> {
