@@ -107,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         )
     })?;
     uc_json(&c, 0, &["rm", "dwarm"])?;
-    no_docker_containers(&dockerd)?;
+    no_docker_containers(&dockerd, 60)?;
     no_workload_dirs(&c)?;
 
     let mut uc_times = Vec::new();
@@ -264,7 +264,7 @@ fn docker_rounds(c: &Cluster, d: &Dockerd, rounds: usize) -> anyhow::Result<(Vec
         let secs = first_answer(c, 0, SocketAddr::from((addr, 80)), t0)?;
         ucs.push(secs);
         uc_json(c, 0, &["rm", &name])?;
-        no_docker_containers(d)?;
+        no_docker_containers(d, 30)?;
         eprintln!("uc docker round {r}: {:.0} ms", secs * 1e3);
 
         let t0 = Instant::now();
@@ -304,9 +304,9 @@ fn no_workload_dirs(c: &Cluster) -> anyhow::Result<()> {
     })
 }
 
-/// Waits until m1's engine has no uc container left.
-fn no_docker_containers(d: &Dockerd) -> anyhow::Result<()> {
-    eventually(Duration::from_secs(60), "Docker containers removed", || {
+/// Waits up to `secs` until m1's engine has no uc container left.
+fn no_docker_containers(d: &Dockerd, secs: u64) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(secs), "Docker containers removed", || {
         let out = d.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
         if !out.stdout.is_empty() {
             bail!("Docker containers left on m1");
