@@ -306,13 +306,17 @@ fn no_workload_dirs(c: &Cluster) -> anyhow::Result<()> {
 
 /// Waits up to `secs` until m1's engine has no uc container left.
 fn no_docker_containers(d: &Dockerd, secs: u64) -> anyhow::Result<()> {
-    eventually(Duration::from_secs(secs), "Docker containers removed", || {
-        let out = d.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
-        if !out.stdout.is_empty() {
-            bail!("Docker containers left on m1");
-        }
-        Ok(())
-    })
+    eventually(
+        Duration::from_secs(secs),
+        "Docker containers removed",
+        || {
+            let out = d.docker(&["ps", "-aq", "--filter", "label=uc.id"])?;
+            if !out.stdout.is_empty() {
+                bail!("Docker containers left on m1");
+            }
+            Ok(())
+        },
+    )
 }
 
 fn nix_kill_term(pid: u32) -> std::io::Result<()> {
