@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 # busybox-static (scripts/demo-image.sh downloads it).
 source scripts/deps.sh nftables iputils-ping openssh-server openssh-client systemd python3 dnsutils \
   systemd-container docker.io iptables
+# QEMU and the microVM boot kit (in /var/lib/uc/vm-kit, where ucd looks) for the vm runtime.
+bash scripts/vm-deps.sh
 export UC_DEMO_IMAGE="${UC_DEMO_IMAGE:-${XDG_CACHE_HOME:-$HOME/.cache}/uc/demo-image.tar}"
 [ -f "$UC_DEMO_IMAGE" ] || scripts/demo-image.sh "$UC_DEMO_IMAGE"
 if ! cargo nextest --version >/dev/null 2>&1; then

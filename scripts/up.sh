@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # nftables: each local machine firewalls its underlay like a real one would.
 # systemd-container: systemd-nspawn runs workloads.
 source scripts/deps.sh nftables iputils-ping systemd-container
+# QEMU and the microVM boot kit, for `uc run --runtime vm`; without them the rest still works.
+bash scripts/vm-deps.sh || echo "warning: scripts/vm-deps.sh failed: microVMs will be unavailable" >&2
 # The demo image `uc local up` imports (busybox, serves HTTP on port 80).
 [ -f /var/lib/uc/demo-image.tar ] || scripts/demo-image.sh /var/lib/uc/demo-image.tar
 machines="${UC_LOCAL_MACHINES:-3}"

@@ -26,9 +26,14 @@
 #
 # Guest contract (what /init in the initrd does), see GUEST_INIT below:
 #   kernel command line: uc.ip=ADDR/PREFIX uc.gw=GW uc.dns=DNS uc.hostname=NAME
-#                        [uc.stop_grace=SECONDS]
-#   disk: /dev/vda, ext4, with /.uc/cmd (argv, one element a line),
-#         /.uc/env (K=V a line), optional /.uc/workdir.
+#                        [uc.stop_grace=SECONDS] [uc.seed=1] [uc.probe=1]
+#   disks: the root filesystem, ext4. What to run: with uc.seed=1, a second disk
+#         holding a tar archive (raw, found by its ustar magic) of cmd (argv, one
+#         element a line), env (K=V a line) and workdir; without it, the same
+#         three files in /.uc on the root disk (what `disk` makes).
+#         This is what ucd's vm runtime (workload/src/vm.rs) relies on.
+#   uc.probe=1: init says "uc-init: probe ok" and powers off at once (ucd boots
+#         this to learn whether KVM runs the kernel, else it uses TCG).
 #   serial (ttyS0): the workload's stdout+stderr, plus lines starting with
 #         "uc-init: " from init; the last one is "uc-init: exit N".
 #   power button (QMP system_powerdown): SIGTERM to the workload, SIGKILL
@@ -50,7 +55,7 @@ KERNEL_PKG=${KERNEL_PKG:-linux-image-cloud-amd64}  # meta package -> versioned o
 # crc16 and crc32c are built in, so the disk needs no more. button + evdev give
 # the power button, which is how the host asks for a graceful stop.
 KIT_MODULES=${KIT_MODULES:-"virtio_mmio virtio_blk virtio_net button evdev"}
-KIT_VERSION=9          # bump when the kit layout changes (GUEST_INIT is hashed)
+KIT_VERSION=10         # bump when the kit layout changes (GUEST_INIT is hashed)
 
 VM_MEM=${VM_MEM:-256}              # MiB of guest RAM
 VM_SMP=${VM_SMP:-1}
@@ -100,9 +105,11 @@ fail() { say "fatal: $*"; say "exit 255"; halt_now; }
 
 # Settings from the kernel command line.
 set -f
-UC_IP='' UC_GW='' UC_DNS='' UC_HOSTNAME=uc UC_GRACE=10
+UC_IP='' UC_GW='' UC_DNS='' UC_HOSTNAME=uc UC_GRACE=10 UC_SEED='' UC_PROBE=''
 for w in $(cat /proc/cmdline); do
     case "$w" in
+        uc.seed=*) UC_SEED=${w#*=} ;;
+        uc.probe=*) UC_PROBE=${w#*=} ;;
         uc.ip=*) UC_IP=${w#*=} ;;
         uc.gw=*) UC_GW=${w#*=} ;;
         uc.dns=*) UC_DNS=${w#*=} ;;
@@ -111,19 +118,41 @@ for w in $(cat /proc/cmdline); do
     esac
 done
 set +f
+# A probe boot (does this accelerator run the kernel at all?): say so and stop.
+if [ -n "$UC_PROBE" ]; then say "probe ok"; halt_now; fi
 
 # Drivers: virtio-mmio transport, block, net (and the power button).
 while read -r m; do
     insmod "/lib/modules/$m.ko" || say "insmod $m failed"
 done </lib/modules/load-order
 
+# Disks: the root filesystem (ext4), and with uc.seed=1 a second one holding a tar
+# archive of cmd, env and workdir (found by its "ustar" magic: probe order is not fixed).
+want=1; [ -z "$UC_SEED" ] || want=2
 i=0
-while [ ! -b /dev/vda ]; do
-    i=$((i + 1)); [ $i -lt 500 ] || fail "no /dev/vda"; usleep 10000
+while [ "$(ls /dev/vd? 2>/dev/null | wc -l)" -lt $want ]; do
+    i=$((i + 1)); [ $i -lt 500 ] || fail "found $(ls /dev/vd? 2>/dev/null | wc -l) of $want disks"; usleep 10000
 done
+ROOTDEV='' SEEDDEV=''
+for d in /dev/vd?; do
+    if [ -n "$UC_SEED" ] && [ -z "$SEEDDEV" ] &&
+       [ "$(dd if=$d bs=512 count=1 2>/dev/null | tail -c +258 | head -c 5)" = ustar ]; then
+        SEEDDEV=$d
+    elif [ -z "$ROOTDEV" ]; then
+        ROOTDEV=$d
+    fi
+done
+[ -n "$ROOTDEV" ] || fail "no root disk"
 R=/newroot
-mount -t ext4 -o noatime /dev/vda $R || fail "cannot mount /dev/vda"
-[ -f $R/.uc/cmd ] || fail "no /.uc/cmd on the disk"
+mount -t ext4 -o noatime $ROOTDEV $R || fail "cannot mount $ROOTDEV"
+# What to run: from the seed, else from /.uc on the root disk (vm-kit.sh disk).
+S=$R/.uc
+if [ -n "$UC_SEED" ]; then
+    [ -n "$SEEDDEV" ] || fail "no seed disk"
+    S=/run/seed; mkdir -p $S
+    tar -xf $SEEDDEV -C $S || fail "cannot read the seed on $SEEDDEV"
+fi
+[ -f $S/cmd ] || fail "no cmd in $S"
 
 # Identity and name resolution, written into the instance's disk (rm first:
 # an image's symlink must not redirect the write into the initramfs).
@@ -164,15 +193,15 @@ mount --bind /bin $R/.uc/bin && mount -o remount,bind,ro $R/.uc/bin
 
 # argv: env -i [defaults] [image env] sh -c 'cd WORKDIR && exec "$@"' uc-exec WORKDIR CMD...
 WD=/
-[ ! -s $R/.uc/workdir ] || WD=$(cat $R/.uc/workdir)
+[ ! -s $S/workdir ] || WD=$(cat $S/workdir)
 set -- PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root HOSTNAME="$UC_HOSTNAME" TERM=linux
-if [ -f $R/.uc/env ]; then
-    while IFS= read -r l || [ -n "$l" ]; do [ -z "$l" ] || set -- "$@" "$l"; done <$R/.uc/env
+if [ -f $S/env ]; then
+    while IFS= read -r l || [ -n "$l" ]; do [ -z "$l" ] || set -- "$@" "$l"; done <$S/env
 fi
 set -- "$@" /.uc/bin/sh -c 'cd "$1" || exit 126; shift; unset OLDPWD SHLVL; exec "$@"' uc-exec "$WD"
 n=$#
-while IFS= read -r l || [ -n "$l" ]; do set -- "$@" "$l"; done <$R/.uc/cmd
-[ $# -gt $n ] || fail "empty /.uc/cmd"
+while IFS= read -r l || [ -n "$l" ]; do set -- "$@" "$l"; done <$S/cmd
+[ $# -gt $n ] || fail "empty cmd"
 
 # stdout+stderr go through a pipe (as under Docker without -t: the workload
 # sees no tty, so it buffers and colours as it would there); cat copies the

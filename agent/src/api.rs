@@ -219,10 +219,28 @@ impl Api for ApiService {
                 } else {
                     peers.get(&m.id).and_then(|p| p.mesh_backend.clone())
                 };
+                let runtimes: Vec<String> = if is_self {
+                    n.workloads()
+                        .map(|w| {
+                            w.available()
+                                .into_iter()
+                                .filter(|(_, a)| a.is_ok())
+                                .map(|(k, _)| k.as_str().to_string())
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    peers
+                        .get(&m.id)
+                        .and_then(|p| p.runtimes.as_ref())
+                        .map(|r| r.iter().map(|k| k.as_str().to_string()).collect())
+                        .unwrap_or_default()
+                };
                 let management = mesh
                     .map(|mesh| mesh.management_of(m.id.as_str()).to_string())
                     .unwrap_or_default();
                 MachineInfo {
+                    runtimes,
                     mesh_management_address: management,
                     mesh_address: v4.map(|a| a.to_string()).unwrap_or_default(),
                     mesh_address_v6: v6.map(|a| a.to_string()).unwrap_or_default(),

@@ -67,6 +67,14 @@ pub struct Args {
     /// reported unavailable on this machine.
     #[arg(long)]
     pub docker_host: Option<String>,
+    /// The microVM boot kit, a kernel and an initrd that scripts/vm-deps.sh makes (default:
+    /// /var/lib/uc/vm-kit). Without one there, the vm runtime is reported unavailable.
+    #[arg(long)]
+    pub vm_kit: Option<PathBuf>,
+    /// The accelerator of microVMs: kvm, tcg, or auto (default: KVM if a probe boot works
+    /// under it, else TCG).
+    #[arg(long)]
+    pub vm_accel: Option<uc_workload::vm::Accel>,
     /// Gossip round interval in milliseconds.
     #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
@@ -140,6 +148,8 @@ struct FileConfig {
     dns_port: Option<u16>,
     dns_upstreams: Option<Vec<String>>,
     docker_host: Option<String>,
+    vm_kit: Option<PathBuf>,
+    vm_accel: Option<String>,
     gossip_interval_ms: Option<u64>,
     endpoints: Option<Vec<String>>,
     tags: Option<Vec<String>>,
@@ -175,6 +185,8 @@ pub struct Config {
     pub dns_port: u16,
     pub dns_upstreams: Vec<SocketAddr>,
     pub docker_host: String,
+    pub vm_kit: PathBuf,
+    pub vm_accel: uc_workload::vm::Accel,
     pub gossip_interval: Duration,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
@@ -311,6 +323,13 @@ impl Args {
             }
         })
         .collect();
+        let vm_accel = match (self.vm_accel, file.vm_accel) {
+            (Some(a), _) => a,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("vm_accel in the config file: {e}"))?,
+            (None, None) => uc_workload::vm::Accel::Auto,
+        };
         let gossip_interval = Duration::from_millis(
             self.gossip_interval_ms
                 .or(file.gossip_interval_ms)
@@ -357,6 +376,11 @@ impl Args {
                         .filter(|h| h.starts_with("unix://"))
                 })
                 .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            vm_kit: self
+                .vm_kit
+                .or(file.vm_kit)
+                .unwrap_or_else(|| uc_workload::vm::DEFAULT_KIT.into()),
+            vm_accel,
             gossip_interval,
             endpoints,
             tags,

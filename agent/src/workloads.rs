@@ -49,15 +49,17 @@ const REPROBE: Duration = Duration::from_secs(10);
 
 /// Each runtime kind: Ok, or why it does not work here.
 async fn probe(runtimes: &[Arc<dyn Runtime>]) -> BTreeMap<RuntimeKind, Result<(), String>> {
-    let mut available = BTreeMap::new();
-    for kind in RuntimeKind::ALL {
+    // At once: the first probe of the vm runtime may boot a VM to see whether KVM works.
+    futures::future::join_all(RuntimeKind::ALL.into_iter().map(|kind| async move {
         let a = match runtimes.iter().find(|r| r.kind() == kind) {
             Some(r) => r.available().await,
             None => Err("not built into this version of ucd".into()),
         };
-        available.insert(kind, a);
-    }
-    available
+        (kind, a)
+    }))
+    .await
+    .into_iter()
+    .collect()
 }
 
 /// Sends `text` to the watchers if it differs from what they have; true if it did.
@@ -91,8 +93,16 @@ impl Workloads {
         let all: Vec<Arc<dyn Runtime>> = vec![
             Arc::new(uc_workload::nspawn::Nspawn::new(
                 images.clone(),
+                dirs.clone(),
+                shim_exe.clone(),
+            )),
+            Arc::new(uc_workload::vm::Vm::new(
+                images.clone(),
                 dirs,
                 shim_exe,
+                &data,
+                node.config.vm_kit.clone(),
+                node.config.vm_accel,
             )),
             Arc::new(uc_workload::docker::Docker::new(
                 node.config.docker_host.clone(),

@@ -52,6 +52,7 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
                     "tags": m.tags, "state": m.state, "is_self": m.is_self, "public_key": m.public_key,
                     "mesh_address": m.mesh_address, "mesh_address_v6": m.mesh_address_v6,
                     "mesh_backend": m.mesh_backend, "mesh_management_address": m.mesh_management_address,
+                    "runtimes": m.runtimes,
                 })
             })
             .collect();
@@ -82,6 +83,11 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
                 },
                 m.tags.join(","),
                 short_backend(&m.mesh_backend),
+                if m.runtimes.is_empty() {
+                    "-".into()
+                } else {
+                    m.runtimes.join(",")
+                },
                 m.id[..8.min(m.id.len())].to_string(),
             ]
         })
@@ -95,6 +101,7 @@ pub fn machines(ms: &[MachineInfo], json: bool) -> anyhow::Result<()> {
             "LAST SEEN",
             "TAGS",
             "WIREGUARD",
+            "RUNTIMES",
             "ID",
         ],
         rows,

@@ -56,6 +56,7 @@ pub fn cleanup(data_dir: &Path) -> Vec<String> {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         uc_workload::cgroup::remove(id);
+        let _ = std::fs::remove_file(format!("/run/uc/vm/{id}.qmp"));
     }
     problems.extend(unmount_all_under(data_dir));
     problems

@@ -2,7 +2,7 @@
 //! reconciliation (`reconcile`), and the I/O around them: the image store,
 //! the machine's workload bridge and per-workload network namespaces, the
 //! shim that runs a workload's process, its cgroups, and the runtimes
-//! (systemd-nspawn and Docker).
+//! (systemd-nspawn, Docker and QEMU microVMs).
 
 pub mod cgroup;
 pub mod docker;
@@ -13,6 +13,7 @@ pub mod place;
 pub mod reconcile;
 pub mod runtime;
 pub mod shim;
+pub mod vm;
 
 /// 8 random bytes (for temporary names).
 pub(crate) fn random8() -> [u8; 8] {

@@ -74,9 +74,22 @@ async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
 /// address before it existed leave an entry that is incomplete or failed, or, when the
 /// address was another workload's before, one with that workload's MAC; the kernel would
 /// resolve it again only at its next probe, up to a second or more later. Called once a
-/// workload has started, so that the first packet to it asks afresh.
+/// workload has started, so that the first packet to it asks afresh. Permanent entries (a
+/// microVM's, whose MAC uc chose) stay.
 pub async fn forget_neighbor(addr: Ipv4Addr) -> Result<(), NetError> {
-    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+    delete_neighbors(addr, false).await
+}
+
+/// Drops every neighbour entry for `addr` on the bridge, permanent ones too (when the
+/// workload that had the address is removed).
+pub async fn remove_neighbor(addr: Ipv4Addr) -> Result<(), NetError> {
+    delete_neighbors(addr, true).await
+}
+
+async fn delete_neighbors(addr: Ipv4Addr, permanent_too: bool) -> Result<(), NetError> {
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourState,
+    };
     let h = handle()?;
     let Some(bridge) = link_index(&h, BRIDGE).await? else {
         return Ok(());
@@ -89,6 +102,7 @@ pub async fn forget_neighbor(addr: Ipv4Addr) -> Result<(), NetError> {
     let mut found = Vec::new();
     while let Some(m) = entries.try_next().await.map_err(nl("listing neighbours"))? {
         let is_it = m.header.ifindex == bridge
+            && (permanent_too || m.header.state != NeighbourState::Permanent)
             && m.attributes.iter().any(|a| {
                 matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) if *a == addr)
             });

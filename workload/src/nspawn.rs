@@ -109,17 +109,7 @@ impl Nspawn {
         w: &Workload,
         image: &crate::image::ImageMeta,
     ) -> Result<Vec<String>, RuntimeError> {
-        let cmd = if w.spec.command.is_empty() {
-            image.cmd.clone()
-        } else {
-            w.spec.command.clone()
-        };
-        if cmd.is_empty() {
-            return Err(RuntimeError::Other(format!(
-                "image {:?} has no default command: give one after the image",
-                image.name
-            )));
-        }
+        let cmd = crate::runtime::command_of(w, image)?;
         let mut a = vec![
             self.nspawn.display().to_string(),
             "--quiet".into(),
@@ -152,7 +142,7 @@ impl Nspawn {
     async fn spawn_shim(&self, w: &Workload) -> Result<(), RuntimeError> {
         let image = self.images.require(&w.spec.image)?;
         let argv = self.command(w, &image)?;
-        crate::runtime::spawn_shim(&self.dirs, &self.shim_exe, w, &argv).await
+        crate::runtime::spawn_shim(&self.dirs, &self.shim_exe, w, &argv, w.spec.memory).await
     }
 
     async fn start_workload(&self, w: &Workload) -> Result<(), RuntimeError> {

@@ -131,14 +131,34 @@ struct SavedWorkload {
     digest: String,
 }
 
-/// Starts `ucd shim` for the workload, running `argv`, and waits until it has written its pid
-/// (so that a status right after says running). Used by the runtimes whose process uc runs
-/// itself (nspawn, QEMU).
+/// The command a workload runs: the service's, else its image's default.
+pub(crate) fn command_of(
+    w: &Workload,
+    image: &crate::image::ImageMeta,
+) -> Result<Vec<String>, RuntimeError> {
+    let cmd = if w.spec.command.is_empty() {
+        image.cmd.clone()
+    } else {
+        w.spec.command.clone()
+    };
+    if cmd.is_empty() {
+        return Err(RuntimeError::Other(format!(
+            "image {:?} has no default command: give one after the image",
+            image.name
+        )));
+    }
+    Ok(cmd)
+}
+
+/// Starts `ucd shim` for the workload, running `argv` with at most `memory` bytes, and waits
+/// until it has written its pid (so that a status right after says running). Used by the
+/// runtimes whose process uc runs itself (nspawn, QEMU).
 pub(crate) async fn spawn_shim(
     dirs: &WorkloadDirs,
     shim_exe: &Path,
     w: &Workload,
     argv: &[String],
+    memory: Option<u64>,
 ) -> Result<(), RuntimeError> {
     let dir = dirs.dir(&w.id);
     let mut cmd = tokio::process::Command::new(shim_exe);
@@ -147,7 +167,7 @@ pub(crate) async fn spawn_shim(
         .arg(&dir)
         .arg("--id")
         .arg(w.id.as_str());
-    if let Some(m) = w.spec.memory {
+    if let Some(m) = memory {
         cmd.arg("--memory").arg(m.to_string());
     }
     if let Some(c) = w.spec.cpu {

@@ -650,3 +650,104 @@ fn scale_stop_start_inspect_and_global_services() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Whether machine `i`'s bridge has a neighbour entry for `addr`.
+fn has_neighbor(c: &Cluster, i: usize, addr: &str) -> anyhow::Result<bool> {
+    let out = c.exec_in(i, &["ip", "neigh", "show", addr, "dev", "ucbr0"])?;
+    Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
+}
+
+#[test]
+fn a_microvm_boots_answers_over_the_mesh_stops_gracefully_and_rm_leaves_nothing()
+-> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(3), |c| {
+        c.wait_membership()?;
+        import_demo(c, 0)?;
+        // The runtime is there (qemu and the kit are installed by scripts/vm-deps.sh).
+        eventually(WAIT, "m1 gossips that it runs microVMs", || {
+            let ms: Value = serde_json::from_str(&uc_ok(c, 0, &["-o", "json", "machine", "ls"])?)?;
+            let m1 = ms
+                .as_array()
+                .and_then(|l| l.iter().find(|m| m["name"] == "m1"))
+                .context("no m1")?;
+            let rt = m1["runtimes"].as_array().context("runtimes")?;
+            ensure!(rt.iter().any(|r| r == "vm"), "{m1}");
+            Ok(())
+        })?;
+        uc_ok(
+            c,
+            0,
+            &[
+                "run",
+                "-n",
+                "vmweb",
+                "--runtime",
+                "vm",
+                "-m",
+                "m1",
+                "--memory",
+                "192m",
+                "demo",
+            ],
+        )?;
+        let p = ps(c, 2)?;
+        ensure!(p.len() == 1 && p[0]["machine"] == "m1", "{p:?}");
+        let addr = p[0]["address"].as_str().context("address")?.to_string();
+        let id = p[0]["id"].as_str().context("id")?.to_string();
+        // It boots (TCG: seconds) and answers every machine over the mesh, with its own name.
+        for i in [0, 2, 1] {
+            eventually(WAIT, "the microVM answers", || {
+                let body = curl_from_machine(c, i, &format!("http://{addr}/cgi-bin/hello"))?;
+                ensure!(
+                    body.trim() == format!("hello from vmweb-{}", &id[..8]),
+                    "{body:?}"
+                );
+                Ok(())
+            })
+            .with_context(|| format!("from m{i}"))?;
+        }
+        let logs = uc_ok(c, 0, &["logs", "vmweb"])?;
+        ensure!(logs.contains("uc-init: start"), "uc logs vmweb: {logs}");
+        ensure!(has_neighbor(c, 1, &addr)?, "no neighbour entry for {addr}");
+
+        // Stop: the power button, so the guest stops its workload and powers off.
+        uc_ok(c, 0, &["stop", "vmweb"])?;
+        let p = ps(c, 0)?;
+        ensure!(p[0]["state"] == "exited", "{p:?}");
+        let out = c.exec_in(0, &["curl", "-sS", "-m", "2", &format!("http://{addr}/")])?;
+        ensure!(!out.status.success(), "a stopped microVM answered");
+        let logs = uc_ok(c, 0, &["logs", "vmweb"])?;
+        ensure!(
+            logs.contains("power button: SIGTERM") && logs.contains("uc-init: exit"),
+            "not a graceful stop: {logs}"
+        );
+        uc_ok(c, 2, &["start", "vmweb"])?;
+        eventually(WAIT, "the restarted microVM answers", || {
+            let body = curl_from_machine(c, 0, &format!("http://{addr}/"))?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
+
+        uc_ok(c, 2, &["rm", "vmweb"])?;
+        let m = c.machine(1);
+        eventually(WAIT, "nothing left of vmweb", || {
+            ensure!(ps(c, 0)?.is_empty(), "ps not empty");
+            let dirs: Vec<_> = std::fs::read_dir(m.data_dir.join("workloads"))
+                .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            ensure!(dirs.is_empty(), "workload dirs left: {dirs:?}");
+            let links = workload_links(c, 1)?;
+            ensure!(links.is_empty(), "links left: {links:?}");
+            ensure!(
+                !has_neighbor(c, 1, &addr)?,
+                "neighbour entry left for {addr}"
+            );
+            let procs = processes_mentioning(&id);
+            ensure!(procs.is_empty(), "processes left: {procs:?}");
+            let qmp = PathBuf::from("/run/uc/vm").join(format!("{id}.qmp"));
+            ensure!(!qmp.exists(), "{} left", qmp.display());
+            Ok(())
+        })?;
+        Ok(())
+    })
+}
