@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Workload start benchmark: `uc run` to the first HTTP answer over the mesh, per runtime, beside bare
-# systemd-nspawn and bare `docker run` starting the same image; written into docs/benchmarks.md. Needs root. About
-# 1 minute.
+# systemd-nspawn, bare `docker run` and bare QEMU starting the same image; written into docs/benchmarks.md. Needs root. About
+# 3 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh nftables iputils-ping systemd-container docker.io iptables
+bash scripts/vm-deps.sh
 cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
 T="${CARGO_TARGET_DIR:-target}/release"
 export UC_DEMO_IMAGE="${UC_DEMO_IMAGE:-${XDG_CACHE_HOME:-$HOME/.cache}/uc/demo-image.tar}"

@@ -162,6 +162,88 @@ pub fn seed_tar(files: &[(&str, String)]) -> Vec<u8> {
     b.into_inner().expect("writing to memory works")
 }
 
+/// QEMU's arguments for a VM of the kit in `kit`, before its disks and network.
+pub fn machine_args(kit: &Path, accel: Accel, cpus: u32, memory: u64, append: &str) -> Vec<String> {
+    let (accel_arg, cpu) = match accel {
+        Accel::Kvm => ("kvm".to_string(), "host"),
+        _ => (format!("tcg,tb-size={TB_SIZE_MIB}"), "max"),
+    };
+    [
+        "-M",
+        "microvm,acpi=on,rtc=on,pic=off,pit=off,pcie=off,usb=off",
+        "-accel",
+        &accel_arg,
+        "-cpu",
+        cpu,
+        "-smp",
+        &cpus.to_string(),
+        "-m",
+        &format!("{}M", memory >> 20),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        &kit_kernel(kit).display().to_string(),
+        "-initrd",
+        &kit.join("initrd.img").display().to_string(),
+        "-append",
+        append,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+/// QEMU's arguments for a VM's disks (its overlay and its seed), its NIC on the tap `tap`
+/// with the MAC of `address`, and, if given, its QMP socket.
+pub fn device_args(
+    overlay: &Path,
+    seed: &Path,
+    tap: &str,
+    address: Ipv4Addr,
+    qmp: Option<&Path>,
+) -> Vec<String> {
+    let mut a = vec![
+        "-drive".to_string(),
+        format!(
+            "id=d0,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
+            opt_value(overlay)
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=d0".into(),
+        "-drive".into(),
+        format!(
+            "id=d1,file={},format=raw,if=none,readonly=on",
+            opt_value(seed)
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=d1".into(),
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+        "-device".into(),
+        format!("virtio-net-device,netdev=n0,mac={}", mac_for(address)),
+    ];
+    if let Some(q) = qmp {
+        a.push("-qmp".into());
+        a.push(format!("unix:{},server=on,wait=off", opt_value(q)));
+    }
+    a
+}
+
+/// The kit's kernel: the uncompressed `vmlinux` (booted through PVH: faster), else `vmlinuz`.
+pub fn kit_kernel(kit: &Path) -> PathBuf {
+    let pvh = kit.join("vmlinux");
+    if pvh.is_file() {
+        pvh
+    } else {
+        kit.join("vmlinuz")
+    }
+}
+
 pub struct Vm {
     images: ImageStore,
     dirs: WorkloadDirs,
@@ -199,12 +281,7 @@ impl Vm {
     }
 
     fn kernel(&self) -> PathBuf {
-        let pvh = self.kit.join("vmlinux");
-        if pvh.is_file() {
-            pvh
-        } else {
-            self.kit.join("vmlinuz")
-        }
+        kit_kernel(&self.kit)
     }
 
     fn initrd(&self) -> PathBuf {
@@ -245,42 +322,6 @@ impl Vm {
         }
     }
 
-    /// The arguments every VM of this machine gets, before its disks and network.
-    fn machine_args(&self, accel: Accel, cpus: u32, memory: u64, append: &str) -> Vec<String> {
-        let (accel_arg, cpu) = match accel {
-            Accel::Kvm => ("kvm".to_string(), "host"),
-            _ => (format!("tcg,tb-size={TB_SIZE_MIB}"), "max"),
-        };
-        [
-            "-M",
-            "microvm,acpi=on,rtc=on,pic=off,pit=off,pcie=off,usb=off",
-            "-accel",
-            &accel_arg,
-            "-cpu",
-            cpu,
-            "-smp",
-            &cpus.to_string(),
-            "-m",
-            &format!("{}M", memory >> 20),
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &self.kernel().display().to_string(),
-            "-initrd",
-            &self.initrd().display().to_string(),
-            "-append",
-            append,
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect()
-    }
-
     /// Whether KVM runs the kit's kernel: a probe boot that says "probe ok" in time.
     async fn kvm_boots(&self) -> bool {
         if fs::OpenOptions::new()
@@ -293,7 +334,7 @@ impl Vm {
         }
         let append = "console=ttyS0 panic=-1 quiet uc.probe=1";
         let mut cmd = tokio::process::Command::new(&self.qemu);
-        cmd.args(self.machine_args(Accel::Kvm, 1, 128 << 20, append))
+        cmd.args(machine_args(&self.kit, Accel::Kvm, 1, 128 << 20, append))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -312,34 +353,20 @@ impl Vm {
         let memory = guest_memory(w.spec.memory)?;
         let cpus = w.spec.cpu.map_or(1, |c| c.ceil().max(1.0) as u32);
         let mut a = vec![self.qemu.display().to_string()];
-        a.extend(self.machine_args(accel, cpus, memory, &kernel_cmdline(w, accel)));
-        let overlay = self.overlay(&w.id);
-        let seed = self.seed(&w.id);
-        a.extend([
-            "-drive".to_string(),
-            format!(
-                "id=d0,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
-                opt_value(&overlay)
-            ),
-            "-device".into(),
-            "virtio-blk-device,drive=d0".into(),
-            "-drive".into(),
-            format!(
-                "id=d1,file={},format=raw,if=none,readonly=on",
-                opt_value(&seed)
-            ),
-            "-device".into(),
-            "virtio-blk-device,drive=d1".into(),
-            "-netdev".into(),
-            format!(
-                "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
-                net::host_ifname(w.id.as_str())
-            ),
-            "-device".into(),
-            format!("virtio-net-device,netdev=n0,mac={}", mac_for(w.address)),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", opt_value(&self.qmp(&w.id))),
-        ]);
+        a.extend(machine_args(
+            &self.kit,
+            accel,
+            cpus,
+            memory,
+            &kernel_cmdline(w, accel),
+        ));
+        a.extend(device_args(
+            &self.overlay(&w.id),
+            &self.seed(&w.id),
+            &net::host_ifname(w.id.as_str()),
+            w.address,
+            Some(&self.qmp(&w.id)),
+        ));
         Ok(a)
     }
 
