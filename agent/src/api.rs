@@ -137,6 +137,18 @@ impl Api for ApiService {
         )))
     }
 
+    type ExecStream = crate::exec::OutputStream;
+
+    async fn exec(
+        &self,
+        request: Request<tonic::Streaming<ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        self.ready().await?;
+        crate::exec::api_exec(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn import_image(
         &self,
         request: Request<tonic::Streaming<ImportImageChunk>>,

@@ -115,6 +115,17 @@ pub enum Subcommand {
         #[arg(long, default_value = "/var/lib/uc/api.sock")]
         socket: PathBuf,
     },
+    /// Become a command run in a workload (`uc exec`): join its cgroups, and on a terminal
+    /// make it the controlling one (started by the agent).
+    #[command(hide = true)]
+    Enter {
+        #[arg(long)]
+        cgroup_procs: Vec<PathBuf>,
+        #[arg(long)]
+        tty: bool,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Run one workload's process and record its output and exit (started by the agent, one
     /// per running workload; it outlives the agent).
     #[command(hide = true)]

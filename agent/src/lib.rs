@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod dns;
+pub mod exec;
 pub mod membership;
 pub mod mesh;
 pub mod node;

@@ -23,6 +23,16 @@ fn main() {
         });
         std::process::exit(code);
     }
+    if let Some(Subcommand::Enter {
+        cgroup_procs,
+        tty,
+        argv,
+    }) = &args.command
+    {
+        let e = uc_workload::exec::enter(cgroup_procs, *tty, argv);
+        eprintln!("ucd enter: running {:?}: {e}", argv.first());
+        std::process::exit(127);
+    }
     if let Some(Subcommand::DialStdio { socket }) = &args.command {
         // No tracing here: stdout carries the API's bytes.
         let result = tokio::runtime::Builder::new_current_thread()

@@ -202,6 +202,17 @@ impl Peer for PeerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type ExecStream = crate::exec::OutputStream;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<uc_proto::v1::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        crate::exec::peer_exec(&self.node, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     type FetchImageStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 
     async fn fetch_image(

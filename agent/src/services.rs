@@ -246,7 +246,7 @@ fn container_info(
 }
 
 /// The service named `name` and its containers, or "not found" listing the services.
-fn service_and_containers(
+pub(crate) fn service_and_containers(
     node: &Node,
     name: &str,
 ) -> Result<(uc_crdt::Service, Vec<Container>), Status> {

@@ -281,6 +281,38 @@ impl Workloads {
         Vec::new()
     }
 
+    /// Runs a command in one of this machine's containers, through its service's runtime.
+    pub async fn exec(
+        &self,
+        id: &ContainerId,
+        req: uc_workload::exec::ExecRequest,
+    ) -> Result<uc_workload::exec::Exec, tonic::Status> {
+        let kind = self
+            .node
+            .read(|doc| {
+                let c = doc.container(id)?;
+                if c.machine != self.node.machine_id {
+                    return None;
+                }
+                let s = doc.services().into_iter().find(|s| s.id == c.service)?;
+                ServiceSpec::from_json(&s.spec).ok().map(|s| s.runtime)
+            })
+            .ok_or_else(|| {
+                tonic::Status::not_found(format!(
+                    "container {} is not placed on this machine",
+                    id.short()
+                ))
+            })?;
+        let rt = self
+            .runtimes
+            .iter()
+            .find(|r| r.kind() == kind)
+            .ok_or_else(|| tonic::Status::failed_precondition(format!("no {kind} runtime")))?;
+        rt.exec(id, req)
+            .await
+            .map_err(|e| tonic::Status::failed_precondition(e.to_string()))
+    }
+
     fn set_error(&self, id: &ContainerId, e: Option<String>) {
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         match e {

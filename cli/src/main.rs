@@ -2,6 +2,7 @@
 
 mod client;
 mod context;
+mod exec;
 mod install;
 mod local;
 mod machine;
@@ -121,6 +122,22 @@ enum Command {
         /// How many of the last lines (0: all).
         #[arg(short = 'n', long, default_value_t = 100)]
         tail: u32,
+    },
+    /// Run a command in a running container of a service (on this machine if it has one),
+    /// with this terminal's input and output; exits with the command's exit code.
+    Exec {
+        /// Keep stdin open and send it to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (with -i, this one's keys go to it as typed).
+        #[arg(short, long)]
+        tty: bool,
+        /// Which container (its id or the start of it); default: a running one.
+        #[arg(long)]
+        container: Option<String>,
+        service: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// Images of the machines' stores.
     #[command(subcommand)]
@@ -578,6 +595,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tail,
         } => workloads::logs(&mut api, service, tail, follow, json).await,
         Command::Inspect { service } => workloads::inspect(&mut api, service, json).await,
+        Command::Exec {
+            interactive,
+            tty,
+            container,
+            service,
+            command,
+        } => {
+            let code = exec::exec(&mut api, service, container, interactive, tty, command).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Scale {
             service,
             replicas,

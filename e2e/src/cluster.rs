@@ -1003,6 +1003,18 @@ impl Uc {
         )
     }
 
+    /// Runs `uc --socket S ARGS` with `input` on its stdin.
+    pub fn run_with_input(&self, args: &[&str], input: &[u8]) -> anyhow::Result<Output> {
+        crate::process::run_with_input(
+            Command::new(&self.bin)
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(args),
+            Some(input.to_vec()),
+            UC_TIMEOUT,
+        )
+    }
+
     /// Runs `uc --socket S -o json ARGS`; fails unless it succeeds; parses stdout.
     pub fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
         let out = run_ok(

@@ -9,11 +9,30 @@ use anyhow::{Context, bail};
 
 /// Runs `cmd` to completion with stdin closed and stdout/stderr captured; kills it after `timeout`.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    run_with_input(cmd, None, timeout)
+}
+
+/// [`run_with_timeout`], with `input` (if any) written to the child's stdin, which then ends.
+pub fn run_with_input(
+    cmd: &mut Command,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+) -> anyhow::Result<Output> {
     let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&input);
+        });
+    }
     // Read both pipes on their own threads so a chatty child never blocks on a full pipe.
     let mut out = child.stdout.take().context("stdout was piped")?;
     let mut err = child.stderr.take().context("stderr was piped")?;

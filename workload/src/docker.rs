@@ -39,6 +39,7 @@ use futures::StreamExt;
 use uc_proto::ContainerId;
 use uc_proto::spec::RuntimeKind;
 
+use crate::exec::{Exec, ExecInput, ExecOutput, ExecRequest};
 use crate::image::{ChannelWriter, ImageMeta, ImageStore};
 use crate::nspawn::WORKLOAD_MTU;
 use crate::reconcile::Seen;
@@ -54,6 +55,8 @@ const LABEL_ADDRESS: &str = "uc.address";
 const LABEL_IMAGE: &str = "uc.image";
 /// Seconds a request to the engine may take (an image import of a large root filesystem too).
 const REQUEST_TIMEOUT_SECS: u64 = 600;
+/// The timeout of `uc exec` sessions' requests: a week.
+const EXEC_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 pub struct Docker {
     /// `unix:///var/run/docker.sock` or a socket path.
@@ -726,6 +729,127 @@ impl Runtime for Docker {
         }
         let skip = out.len().saturating_sub(n);
         out.split_off(skip)
+    }
+
+    async fn exec(&self, id: &ContainerId, req: ExecRequest) -> Result<Exec, RuntimeError> {
+        use bollard::container::LogOutput;
+        use tokio::io::AsyncWriteExt;
+        if req.argv.is_empty() {
+            return Err(RuntimeError::Other("no command to run".into()));
+        }
+        let cid = self
+            .find(id)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound(id.clone()))?;
+        // A client of its own, without the request timeout: a session may last.
+        let path = self.host.strip_prefix("unix://").unwrap_or(&self.host);
+        let docker = bollard::Docker::connect_with_unix(
+            path,
+            EXEC_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| self.unavailable(e))?
+        .negotiate_version()
+        .await
+        .map_err(|e| self.unavailable(e))?;
+        let fail = |e: DockerError| RuntimeError::Other(format!("docker exec: {e}"));
+        let exec_id = docker
+            .create_exec(
+                &cid,
+                bollard::models::ExecConfig {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(req.tty),
+                    env: Some(req.env.clone()),
+                    cmd: Some(req.argv.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(fail)?
+            .id;
+        let started = docker
+            .start_exec(
+                &exec_id,
+                Some(bollard::exec::StartExecOptions {
+                    detach: false,
+                    tty: req.tty,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .map_err(fail)?;
+        let bollard::exec::StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = started
+        else {
+            return Err(RuntimeError::Other("docker exec did not attach".into()));
+        };
+        let resize = |docker: bollard::Docker, exec_id: String, rows: u16, cols: u16| async move {
+            let _ = docker
+                .resize_exec(
+                    &exec_id,
+                    bollard::query_parameters::ResizeExecOptions {
+                        h: rows.into(),
+                        w: cols.into(),
+                    },
+                )
+                .await;
+        };
+        if req.tty && req.rows > 0 {
+            resize(docker.clone(), exec_id.clone(), req.rows, req.cols).await;
+        }
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<ExecInput>(64);
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel::<ExecOutput>(64);
+        let (d, eid, tty) = (docker.clone(), exec_id.clone(), req.tty);
+        tokio::spawn(async move {
+            while let Some(i) = in_rx.recv().await {
+                match i {
+                    ExecInput::Stdin(b) => {
+                        if input.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    ExecInput::Eof if tty => {
+                        let _ = input.write_all(b"\x04").await;
+                    }
+                    ExecInput::Eof => {
+                        let _ = input.shutdown().await;
+                    }
+                    ExecInput::Resize { rows, cols } => {
+                        resize(d.clone(), eid.clone(), rows, cols).await;
+                    }
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(item) = output.next().await {
+                let msg = match item {
+                    Ok(LogOutput::StdErr { message }) => ExecOutput::Stderr(message.to_vec()),
+                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                        ExecOutput::Stdout(message.to_vec())
+                    }
+                    Ok(LogOutput::StdIn { .. }) => continue,
+                    Err(_) => break,
+                };
+                if out_tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            let code = docker
+                .inspect_exec(&exec_id)
+                .await
+                .ok()
+                .and_then(|i| i.exit_code)
+                .unwrap_or(255);
+            let _ = out_tx.send(ExecOutput::Exit(code as i32)).await;
+        });
+        Ok(Exec {
+            input: in_tx,
+            output: out_rx,
+        })
     }
 }
 

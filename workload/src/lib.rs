@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod docker;
+pub mod exec;
 pub mod image;
 pub mod net;
 pub mod nspawn;

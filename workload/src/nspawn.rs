@@ -12,6 +12,7 @@ use nix::mount::{MntFlags, MsFlags};
 use uc_proto::ContainerId;
 use uc_proto::spec::RuntimeKind;
 
+use crate::exec::{Exec, ExecRequest};
 use crate::image::ImageStore;
 use crate::runtime::{Runtime, RuntimeError, Status, Workload, WorkloadDirs, io_err};
 use crate::{cgroup, net, shim};
@@ -266,4 +267,63 @@ impl Runtime for Nspawn {
     async fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine> {
         shim::tail(&self.dirs.dir(id), n)
     }
+
+    /// `nsenter` into the namespaces, root and working directory of the container's main
+    /// process, in its cgroups.
+    async fn exec(&self, id: &ContainerId, req: ExecRequest) -> Result<Exec, RuntimeError> {
+        if req.argv.is_empty() {
+            return Err(RuntimeError::Other("no command to run".into()));
+        }
+        let w = self.dirs.saved_workload(id)?;
+        let not_running =
+            || RuntimeError::Other(format!("container {} is not running", id.short()));
+        let nspawn = self.dirs.child_pid(id).ok_or_else(not_running)?;
+        // nspawn's child is the container's init; with --as-pid2 the workload is its child.
+        let init = children(nspawn)
+            .into_iter()
+            .next()
+            .ok_or_else(not_running)?;
+        let target = children(init).into_iter().next().unwrap_or(init);
+        let image = self.images.get(&w.spec.image);
+        // `ucd enter` joins the container's cgroups (and makes a terminal the controlling
+        // one), then becomes nsenter, which enters everything else.
+        let mut cmd = std::process::Command::new(&self.shim_exe);
+        cmd.arg("enter");
+        for d in cgroup::dirs(id.as_str()) {
+            cmd.arg("--cgroup-procs").arg(d.join("cgroup.procs"));
+        }
+        if req.tty {
+            cmd.arg("--tty");
+        }
+        cmd.args(["--", "nsenter", "--target", &target.to_string()])
+            .args(["--all", "--root", "--wd", "--"])
+            .args(&req.argv)
+            .env_clear()
+            .envs(crate::runtime::exec_env(&w, image.as_ref(), &req.env));
+        // The terminal comes from the container's own devpts, so that it has a name there.
+        let ptmx = PathBuf::from(format!("/proc/{target}/root/dev/pts/ptmx"));
+        crate::exec::spawn(cmd, &req, &ptmx)
+            .map_err(io_err("running a command in", &self.dirs.dir(id)))
+    }
+}
+
+/// The children of process `pid` (from /proc), oldest first.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut kids: Vec<(u64, u32)> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // Fields after the command name: state ppid ... starttime (the 20th of those).
+            let rest: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+            let ppid: u32 = rest.get(1)?.parse().ok()?;
+            let start: u64 = rest.get(19)?.parse().ok()?;
+            (ppid == pid).then_some((start, p))
+        })
+        .collect();
+    kids.sort();
+    kids.into_iter().map(|(_, p)| p).collect()
 }

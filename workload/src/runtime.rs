@@ -117,6 +117,46 @@ pub trait Runtime: Send + Sync {
     async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError>;
     /// The last `n` lines of its output.
     async fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine>;
+    /// Runs a command inside the running container (`uc exec`).
+    async fn exec(
+        &self,
+        id: &ContainerId,
+        req: crate::exec::ExecRequest,
+    ) -> Result<crate::exec::Exec, RuntimeError> {
+        let _ = (id, req);
+        Err(RuntimeError::Other(format!(
+            "uc exec does not work in {} containers",
+            self.kind()
+        )))
+    }
+}
+
+/// The environment a command run in a workload starts with: a default PATH, HOME and
+/// HOSTNAME, then the image's, the service's and the asker's (later ones win).
+pub(crate) fn exec_env(
+    w: &Workload,
+    image: Option<&crate::image::ImageMeta>,
+    extra: &[String],
+) -> Vec<(String, String)> {
+    let mut env: std::collections::BTreeMap<String, String> = [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOME", "/root"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.insert("HOSTNAME".into(), w.hostname());
+    let kv = |e: &String| {
+        e.split_once('=')
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+    };
+    env.extend(image.into_iter().flat_map(|i| i.env.iter()).filter_map(kv));
+    env.extend(w.spec.env.clone());
+    env.extend(extra.iter().filter_map(kv));
+    env.into_iter().collect()
 }
 
 /// A workload as it was created, kept in `workload.json` for restarts.

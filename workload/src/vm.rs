@@ -692,6 +692,18 @@ impl Runtime for Vm {
     async fn logs(&self, id: &ContainerId, n: usize) -> Vec<shim::LogLine> {
         shim::tail(&self.dirs.dir(id), n)
     }
+
+    async fn exec(
+        &self,
+        _: &ContainerId,
+        _: crate::exec::ExecRequest,
+    ) -> Result<crate::exec::Exec, RuntimeError> {
+        Err(RuntimeError::Other(
+            "uc exec cannot reach into a microVM yet (its guest runs no agent); \
+             reach its service over the network instead"
+                .into(),
+        ))
+    }
 }
 
 #[cfg(test)]

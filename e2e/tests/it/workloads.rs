@@ -464,6 +464,20 @@ fn a_docker_service_on_a_machine_with_its_own_dockerd_serves_over_the_mesh() -> 
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
+            // uc exec reaches into the Docker container, from another machine, exit code too.
+            let out = c.uc(1, &["exec", "dweb", "sh", "-c", "hostname; exit 5"])?;
+            ensure!(
+                out.status.code() == Some(5)
+                    && String::from_utf8_lossy(&out.stdout).trim() == format!("dweb-{}", &id[..8]),
+                "uc exec dweb: {out:?}"
+            );
+            let out = c
+                .client(0)?
+                .run_with_input(&["exec", "-i", "dweb", "cat"], b"through docker\n")?;
+            ensure!(
+                out.status.success() && out.stdout == b"through docker\n",
+                "uc exec -i dweb: {out:?}"
+            );
             // The request came from the workload's own address: httpd -v logs the peer.
             eventually(WAIT, "uc logs shows the request from m0's workload", || {
                 let logs = uc_ok(c, 1, &["logs", "dweb"])?;
@@ -612,6 +626,49 @@ fn scale_stop_start_inspect_and_global_services() -> anyhow::Result<()> {
             Ok(())
         })?;
 
+        // Exec: a command in the container, from either machine, with its output, its exit
+        // code, stdin with -i and a terminal with -t.
+        for i in 0..2 {
+            let out = c.uc(i, &["exec", "web", "hostname"])?;
+            ensure!(
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout).trim() == format!("web-{}", &id[..8]),
+                "uc exec web hostname from m{i}: {out:?}"
+            );
+        }
+        let out = c.uc(
+            1,
+            &["exec", "web", "sh", "-c", "echo out; echo err >&2; exit 7"],
+        )?;
+        ensure!(
+            out.status.code() == Some(7)
+                && out.stdout == b"out\n"
+                && String::from_utf8_lossy(&out.stderr).contains("err"),
+            "{out:?}"
+        );
+        let out = c.client(0)?.run_with_input(
+            &["exec", "-i", "web", "sh", "-c", "tr a-z A-Z"],
+            b"piped in\n",
+        )?;
+        ensure!(
+            out.status.success() && out.stdout == b"PIPED IN\n",
+            "exec -i: {out:?}"
+        );
+        let out = c.uc(
+            0,
+            &["exec", "-t", "web", "sh", "-c", "tty -s && echo on-a-tty"],
+        )?;
+        ensure!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("on-a-tty"),
+            "exec -t: {out:?}"
+        );
+        let out = c.uc(0, &["exec", "nope", "true"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("service \"nope\" not found"),
+            "{err:?}"
+        );
+
         // Global: one container on every machine, and on a machine that joins later.
         uc_ok(c, 0, &["run", "-n", "g", "--mode", "global", "demo"])?;
         let of_g = |c: &Cluster| -> anyhow::Result<Vec<Value>> {
@@ -727,6 +784,13 @@ fn a_microvm_boots_answers_over_the_mesh_stops_gracefully_and_rm_leaves_nothing(
             ensure!(body.contains("Hello from uc"), "{body:?}");
             Ok(())
         })?;
+
+        let out = c.uc(0, &["exec", "vmweb", "true"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("cannot reach into a microVM"),
+            "{err:?}"
+        );
 
         uc_ok(c, 2, &["rm", "vmweb"])?;
         let m = c.machine(1);
