@@ -90,6 +90,10 @@ pub fn check_spec(name: &str, spec_json: &str) -> Result<ServiceSpec, Status> {
             "cpu {c} must be more than 0"
         )));
     }
+    if spec.runtime == uc_proto::spec::RuntimeKind::Vm {
+        uc_workload::vm::guest_memory(spec.memory)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
     for k in spec.env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(Status::invalid_argument(format!(

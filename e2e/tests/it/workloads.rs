@@ -280,7 +280,9 @@ fn kill9_of_an_agent_leaves_workloads_running_and_the_restart_adopts_them() -> a
 
 #[test]
 fn bad_runs_are_refused_with_clear_errors_and_nothing_written() -> anyhow::Result<()> {
-    with_cluster(ClusterBuilder::new(2), |c| {
+    // m1 has no microVM kit, so the vm runtime is unavailable there.
+    let b = ClusterBuilder::new(2).machine_args(1, &["--vm-kit", "/nonexistent/uc-vm-kit"]);
+    with_cluster(b, |c| {
         c.wait_membership()?;
         import_demo(c, 0)?;
         uc_ok(c, 0, &["run", "-n", "taken", "demo"])?;
@@ -309,6 +311,19 @@ fn bad_runs_are_refused_with_clear_errors_and_nothing_written() -> anyhow::Resul
             (
                 &["run", "-n", "x", "--runtime", "vm", "-m", "m1", "demo"],
                 "runtime vm is not available on machine \"m1\"",
+            ),
+            (
+                &[
+                    "run",
+                    "-n",
+                    "x",
+                    "--runtime",
+                    "vm",
+                    "--memory",
+                    "64m",
+                    "demo",
+                ],
+                "a microVM needs at least 80 MiB of memory",
             ),
             (
                 &["run", "-n", "x", "--memory", "100000g", "demo"],
