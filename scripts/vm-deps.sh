@@ -25,8 +25,11 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     echo "qemu-system-x86 from $codename does not install here; taking it from $codename-backports"
     bpo=/var/tmp/uc-apt-backports
     mkdir -p "$bpo/lists/partial"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $codename-backports main" >"$bpo/backports.list"
-    # The machine's own sources (sources.list.d) plus backports; lists kept apart.
+    # The machine's own sources (sources.list and sources.list.d) plus Debian's backports;
+    # the package lists are kept apart from the machine's.
+    { cat /etc/apt/sources.list 2>/dev/null || true
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $codename-backports main"
+    } >"$bpo/backports.list"
     cat >"$bpo/apt.conf" <<EOF
 Dir::Etc::SourceList "$bpo/backports.list";
 Dir::State::Lists "$bpo/lists";

@@ -26,7 +26,7 @@
 #
 # Guest contract (what /init in the initrd does), see GUEST_INIT below:
 #   kernel command line: uc.ip=ADDR/PREFIX uc.gw=GW uc.dns=DNS uc.hostname=NAME
-#                        [uc.stop_grace=SECONDS] [uc.seed=1] [uc.probe=1]
+#                        [uc.mtu=N] [uc.stop_grace=SECONDS] [uc.seed=1] [uc.probe=1]
 #   disks: the root filesystem, ext4. What to run: with uc.seed=1, a second disk
 #         holding a tar archive (raw, found by its ustar magic) of cmd (argv, one
 #         element a line), env (K=V a line) and workdir; without it, the same
@@ -55,7 +55,7 @@ KERNEL_PKG=${KERNEL_PKG:-linux-image-cloud-amd64}  # meta package -> versioned o
 # crc16 and crc32c are built in, so the disk needs no more. button + evdev give
 # the power button, which is how the host asks for a graceful stop.
 KIT_MODULES=${KIT_MODULES:-"virtio_mmio virtio_blk virtio_net button evdev"}
-KIT_VERSION=10         # bump when the kit layout changes (GUEST_INIT is hashed)
+KIT_VERSION=11         # bump when the kit layout changes (GUEST_INIT is hashed)
 
 VM_MEM=${VM_MEM:-256}              # MiB of guest RAM
 VM_SMP=${VM_SMP:-1}
@@ -105,10 +105,11 @@ fail() { say "fatal: $*"; say "exit 255"; halt_now; }
 
 # Settings from the kernel command line.
 set -f
-UC_IP='' UC_GW='' UC_DNS='' UC_HOSTNAME=uc UC_GRACE=10 UC_SEED='' UC_PROBE=''
+UC_IP='' UC_GW='' UC_DNS='' UC_MTU='' UC_HOSTNAME=uc UC_GRACE=10 UC_SEED='' UC_PROBE=''
 for w in $(cat /proc/cmdline); do
     case "$w" in
         uc.seed=*) UC_SEED=${w#*=} ;;
+        uc.mtu=*) UC_MTU=${w#*=} ;;
         uc.probe=*) UC_PROBE=${w#*=} ;;
         uc.ip=*) UC_IP=${w#*=} ;;
         uc.gw=*) UC_GW=${w#*=} ;;
@@ -176,6 +177,7 @@ if [ -n "$UC_IP" ]; then
     while [ ! -e /sys/class/net/eth0 ]; do
         i=$((i + 1)); [ $i -lt 200 ] || fail "no eth0"; usleep 10000
     done
+    [ -z "$UC_MTU" ] || ip link set eth0 mtu "$UC_MTU" || say "cannot set mtu $UC_MTU"
     ip link set eth0 up
     ip addr add "$UC_IP" dev eth0 || fail "bad uc.ip $UC_IP"
     [ -z "$UC_GW" ] || ip route add default via "$UC_GW" || say "cannot add route via $UC_GW"

@@ -119,6 +119,9 @@ pub enum Subcommand {
     /// make it the controlling one (started by the agent).
     #[command(hide = true)]
     Enter {
+        /// The container's main process.
+        #[arg(long)]
+        target: u32,
         #[arg(long)]
         cgroup_procs: Vec<PathBuf>,
         #[arg(long)]

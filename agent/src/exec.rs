@@ -121,7 +121,9 @@ pub async fn peer_exec(
         env: start.env,
     };
     let w = node.workloads()?;
-    let wx::Exec { input, mut output } = w.exec(&id, req).await?;
+    let wx::Exec {
+        input, mut output, ..
+    } = w.exec(&id, req).await?;
     tracing::info!(container = %id.short(), "exec started");
     tokio::spawn(async move {
         while let Ok(Some(m)) = inbound.message().await {
@@ -143,12 +145,13 @@ pub async fn peer_exec(
     let (tx, rx) = mpsc::channel::<Result<ExecOutput, Status>>(64);
     tokio::spawn(async move {
         while let Some(o) = output.recv().await {
-            let msg = match o {
-                wx::ExecOutput::Stdout(b) => exec_output::Msg::Stdout(b),
-                wx::ExecOutput::Stderr(b) => exec_output::Msg::Stderr(b),
-                wx::ExecOutput::Exit(c) => exec_output::Msg::ExitCode(c),
+            let (msg, last) = match o {
+                wx::ExecOutput::Stdout(b) => (exec_output::Msg::Stdout(b), false),
+                wx::ExecOutput::Stderr(b) => (exec_output::Msg::Stderr(b), false),
+                wx::ExecOutput::Exit(c) => (exec_output::Msg::ExitCode(c), true),
             };
-            if tx.send(Ok(ExecOutput { msg: Some(msg) })).await.is_err() {
+            // The exit code ends the session, even if a background process still writes.
+            if tx.send(Ok(ExecOutput { msg: Some(msg) })).await.is_err() || last {
                 return;
             }
         }

@@ -24,14 +24,19 @@ fn main() {
         std::process::exit(code);
     }
     if let Some(Subcommand::Enter {
+        target,
         cgroup_procs,
         tty,
         argv,
     }) = &args.command
     {
-        let e = uc_workload::exec::enter(cgroup_procs, *tty, argv);
-        eprintln!("ucd enter: running {:?}: {e}", argv.first());
-        std::process::exit(127);
+        match uc_workload::exec::enter(*target, cgroup_procs, *tty, argv) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("uc exec: {e}");
+                std::process::exit(126);
+            }
+        }
     }
     if let Some(Subcommand::DialStdio { socket }) = &args.command {
         // No tracing here: stdout carries the API's bytes.

@@ -847,6 +847,7 @@ impl Runtime for Docker {
             let _ = out_tx.send(ExecOutput::Exit(code as i32)).await;
         });
         Ok(Exec {
+            pid: 0,
             input: in_tx,
             output: out_rx,
         })

@@ -6,7 +6,15 @@
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::unistd::Pid;
 
 use tokio::sync::mpsc;
 
@@ -64,6 +72,8 @@ fn open_pty(ptmx: &std::path::Path, rows: u16, cols: u16) -> std::io::Result<(Ow
 
 /// A running command's two channels.
 pub struct Exec {
+    /// Its process (and process group) on this machine; 0 when an engine runs it.
+    pub pid: u32,
     pub input: mpsc::Sender<ExecInput>,
     pub output: mpsc::Receiver<ExecOutput>,
 }
@@ -106,24 +116,41 @@ pub fn spawn(mut cmd: Command, req: &ExecRequest, ptmx: &std::path::Path) -> std
     } else {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // A group of its own (on a terminal, `enter`'s session is one), to hang up.
+            .process_group(0);
         None
     };
     let mut child = cmd.spawn()?;
     // The child holds the terminal's other end now.
     drop(cmd);
+    let pid = child.id() as i32;
+    // True while the child is not reaped, so that its pid is still its own: signals may go.
+    let alive = Arc::new(Mutex::new(true));
+    // When the asker is gone (or done), the command's process group is hung up: a session
+    // leaves no shell or background child behind. (A group's id is not given to another
+    // process while the group has members.)
+    let hang_up = {
+        let alive = alive.clone();
+        move || {
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGHUP);
+            if *alive.lock().unwrap_or_else(|p| p.into_inner()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+            }
+        }
+    };
     let (in_tx, mut in_rx) = mpsc::channel::<ExecInput>(64);
     let (out_tx, out_rx) = mpsc::channel::<ExecOutput>(64);
     let mut readers = Vec::new();
     match pty {
         Some(master) => {
             let reader = std::fs::File::from(master.try_clone()?);
+            let mut w = std::fs::File::from(master.try_clone()?);
             let tx = out_tx.clone();
             readers.push(std::thread::spawn(move || {
                 pump(reader, tx, ExecOutput::Stdout)
             }));
             std::thread::spawn(move || {
-                let mut w = std::fs::File::from(master.try_clone().expect("dup of the pty"));
                 while let Some(i) = in_rx.blocking_recv() {
                     let ok = match i {
                         ExecInput::Stdin(b) => w.write_all(&b).is_ok(),
@@ -135,9 +162,10 @@ pub fn spawn(mut cmd: Command, req: &ExecRequest, ptmx: &std::path::Path) -> std
                         }
                     };
                     if !ok {
-                        return;
+                        break;
                     }
                 }
+                hang_up();
             });
         }
         None => {
@@ -156,6 +184,7 @@ pub fn spawn(mut cmd: Command, req: &ExecRequest, ptmx: &std::path::Path) -> std
                         ExecInput::Resize { .. } => {}
                     }
                 }
+                hang_up();
             });
             if let Some(o) = child.stdout.take() {
                 let tx = out_tx.clone();
@@ -168,13 +197,25 @@ pub fn spawn(mut cmd: Command, req: &ExecRequest, ptmx: &std::path::Path) -> std
         }
     }
     std::thread::spawn(move || {
-        for r in readers {
-            let _ = r.join();
-        }
+        // Wait without reaping, mark it gone, then reap: no signal can reach a reused pid.
+        let _ = waitid(
+            Id::Pid(Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        );
+        *alive.lock().unwrap_or_else(|p| p.into_inner()) = false;
         let code = code_of(child.wait());
+        // What is still in the pipes comes first; a background process that keeps them open
+        // holds the exit code back for a second at most.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for r in &readers {
+            while !r.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let _ = out_tx.blocking_send(ExecOutput::Exit(code));
     });
     Ok(Exec {
+        pid: pid as u32,
         input: in_tx,
         output: out_rx,
     })
@@ -192,28 +233,92 @@ fn resize(master: &OwnedFd, rows: u16, cols: u16) {
     );
 }
 
-/// What `ucd enter` does, in the process a command runs as: moves itself into the workload's
-/// cgroups (writing its pid to each `cgroup.procs` given), so that limits apply to the command
-/// and removing the workload ends it too; on a terminal, starts a session whose controlling
-/// terminal is its stdin; then becomes `argv`. Returns only if that fails.
-pub fn enter(cgroup_procs: &[std::path::PathBuf], tty: bool, argv: &[String]) -> std::io::Error {
+/// The prefix under which the command's environment reaches `ucd enter`, so that none of it
+/// (`LD_PRELOAD`, `PATH`, ...) acts on the host programs before the container is entered.
+pub const ENV_PREFIX: &str = "UC_EXEC_ENV_";
+
+/// `ucd enter`: becomes a command in the container whose main process is `target`. It moves
+/// itself into the workload's cgroups (the `cgroup.procs` files given), so that limits apply
+/// and removing the workload ends it too; starts a session whose controlling terminal is its
+/// stdin (with `tty`) or its own process group; enters the target's namespaces, root and
+/// working directory; then runs `argv` with the environment it got under [`ENV_PREFIX`], and
+/// returns its exit code. Must run single-threaded (entering a mount namespace requires it).
+pub fn enter(
+    target: u32,
+    cgroup_procs: &[PathBuf],
+    tty: bool,
+    argv: &[String],
+) -> Result<i32, String> {
+    use std::os::unix::fs::MetadataExt;
     for p in cgroup_procs {
         let _ = std::fs::write(p, std::process::id().to_string());
     }
     if tty {
         let _ = rustix::process::setsid();
         let _ = rustix::process::ioctl_tiocsctty(std::io::stdin());
+    } else {
+        let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
     }
-    let Some((prog, args)) = argv.split_first() else {
-        return std::io::Error::other("no command to run");
+    let proc = PathBuf::from(format!("/proc/{target}"));
+    let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+    // Everything is opened before the first setns: /proc/TARGET may not be reachable after.
+    let root = std::fs::File::open(proc.join("root")).map_err(|e| err("opening its root", &e))?;
+    let cwd = match (
+        std::fs::read_link(proc.join("root")),
+        std::fs::read_link(proc.join("cwd")),
+    ) {
+        (Ok(r), Ok(c)) => c
+            .strip_prefix(&r)
+            .map(|rel| Path::new("/").join(rel))
+            .unwrap_or_else(|_| PathBuf::from("/")),
+        _ => PathBuf::from("/"),
     };
-    Command::new(prog).args(args).exec()
+    let mut namespaces = Vec::new();
+    for (name, flag) in [
+        ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ] {
+        let theirs = proc.join("ns").join(name);
+        let (Ok(a), Ok(b)) = (
+            std::fs::metadata(&theirs),
+            std::fs::metadata(format!("/proc/self/ns/{name}")),
+        ) else {
+            continue;
+        };
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            let f = std::fs::File::open(&theirs).map_err(|e| err(name, &e))?;
+            namespaces.push((name, f, flag));
+        }
+    }
+    for (name, f, flag) in &namespaces {
+        setns(f, *flag).map_err(|e| err(&format!("entering its {name} namespace"), &e))?;
+    }
+    nix::unistd::fchdir(&root).map_err(|e| err("entering its root", &e))?;
+    nix::unistd::chroot(".").map_err(|e| err("chroot", &e))?;
+    if std::env::set_current_dir(&cwd).is_err() {
+        let _ = std::env::set_current_dir("/");
+    }
+    let env: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, v)| Some((k.strip_prefix(ENV_PREFIX)?.to_string(), v)))
+        .collect();
+    let (prog, args) = argv.split_first().ok_or("no command to run")?;
+    // A child: only children enter the pid namespace.
+    let status = Command::new(prog)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .status()
+        .map_err(|e| err(&format!("running {prog}"), &e))?;
+    Ok(code_of(Ok(status)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     async fn collect(mut e: Exec) -> (Vec<u8>, Vec<u8>, i32) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -241,6 +346,47 @@ mod tests {
         assert_eq!(out, b"got hello\n");
         assert_eq!(err, b"oops\n");
         assert_eq!(code, 3);
+    }
+
+    #[tokio::test]
+    async fn the_command_is_hung_up_when_the_asker_goes_away() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("60");
+        let e = spawn(cmd, &ExecRequest::default(), Path::new("/dev/ptmx")).unwrap();
+        let Exec { pid, input, output } = e;
+        drop(input);
+        let t = Instant::now();
+        let (_, _, code) = collect(Exec {
+            pid,
+            input: mpsc::channel(1).0,
+            output,
+        })
+        .await;
+        assert_eq!(code, 128 + 1, "SIGHUP");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_background_child_holding_the_output_does_not_hold_the_exit_code() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & echo started; exit 4"]);
+        let e = spawn(cmd, &ExecRequest::default(), Path::new("/dev/ptmx")).unwrap();
+        let t = Instant::now();
+        let (pid, input) = (e.pid as i32, e.input.clone());
+        let (out, _, code) = collect(e).await;
+        assert_eq!((out.as_slice(), code), (&b"started\n"[..], 4));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(kill(Pid::from_raw(-pid), None).is_ok(), "the sleep runs on");
+        // The session ends: the background sleep is hung up too.
+        drop(input);
+        let t = Instant::now();
+        while kill(Pid::from_raw(-pid), None).is_ok() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the sleep was not hung up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

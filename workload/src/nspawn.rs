@@ -268,7 +268,7 @@ impl Runtime for Nspawn {
         shim::tail(&self.dirs.dir(id), n)
     }
 
-    /// `nsenter` into the namespaces, root and working directory of the container's main
+    /// `ucd enter` into the namespaces, root and working directory of the container's main
     /// process, in its cgroups.
     async fn exec(&self, id: &ContainerId, req: ExecRequest) -> Result<Exec, RuntimeError> {
         if req.argv.is_empty() {
@@ -285,21 +285,21 @@ impl Runtime for Nspawn {
             .ok_or_else(not_running)?;
         let target = children(init).into_iter().next().unwrap_or(init);
         let image = self.images.get(&w.spec.image);
-        // `ucd enter` joins the container's cgroups (and makes a terminal the controlling
-        // one), then becomes nsenter, which enters everything else.
+        // `ucd enter` joins the container's cgroups and namespaces, then runs the command.
+        // Its environment goes under a prefix: none of it may act on host programs.
         let mut cmd = std::process::Command::new(&self.shim_exe);
-        cmd.arg("enter");
+        cmd.args(["enter", "--target", &target.to_string()]);
         for d in cgroup::dirs(id.as_str()) {
             cmd.arg("--cgroup-procs").arg(d.join("cgroup.procs"));
         }
         if req.tty {
             cmd.arg("--tty");
         }
-        cmd.args(["--", "nsenter", "--target", &target.to_string()])
-            .args(["--all", "--root", "--wd", "--"])
-            .args(&req.argv)
-            .env_clear()
-            .envs(crate::runtime::exec_env(&w, image.as_ref(), &req.env));
+        cmd.arg("--").args(&req.argv).env_clear().envs(
+            crate::runtime::exec_env(&w, image.as_ref(), &req.env)
+                .into_iter()
+                .map(|(k, v)| (format!("{}{k}", crate::exec::ENV_PREFIX), v)),
+        );
         // The terminal comes from the container's own devpts, so that it has a name there.
         let ptmx = PathBuf::from(format!("/proc/{target}/root/dev/pts/ptmx"));
         crate::exec::spawn(cmd, &req, &ptmx)

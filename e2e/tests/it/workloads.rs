@@ -776,7 +776,11 @@ fn a_microvm_boots_answers_over_the_mesh_stops_gracefully_and_rm_leaves_nothing(
                 );
                 Ok(())
             })
-            .with_context(|| format!("from m{i}"))?;
+            .with_context(|| {
+                let dir = c.machine(1).data_dir.join("workloads").join(&id);
+                let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+                format!("from m{i}; its log:\n{log}")
+            })?;
         }
         let logs = uc_ok(c, 0, &["logs", "vmweb"])?;
         ensure!(logs.contains("uc-init: start"), "uc logs vmweb: {logs}");
