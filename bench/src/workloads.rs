@@ -77,6 +77,32 @@ fn uc_json(c: &Cluster, i: usize, args: &[&str]) -> anyhow::Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// `uc run -d` of the demo image with `runtime`, placed on m1 and given from m0; the seconds
+/// until it answers HTTP from m0 over the mesh.
+fn uc_first_answer(c: &Cluster, name: &str, runtime: &str) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let v = uc_json(
+        c,
+        0,
+        &[
+            "run",
+            "-d",
+            "-n",
+            name,
+            "--runtime",
+            runtime,
+            "-m",
+            "m1",
+            "demo",
+        ],
+    )?;
+    let addr: std::net::Ipv4Addr = v["containers"][0]["address"]
+        .as_str()
+        .context("no address")?
+        .parse()?;
+    first_answer(c, 0, SocketAddr::from((addr, 80)), t0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let image = uc_e2e::workloads::demo_image()?;
@@ -115,13 +141,7 @@ fn main() -> anyhow::Result<()> {
     let mut uc_times = Vec::new();
     for r in 0..args.rounds {
         let name = format!("b{r}");
-        let t0 = Instant::now();
-        let v = uc_json(&c, 0, &["run", "-d", "-n", &name, "-m", "m1", "demo"])?;
-        let addr: std::net::Ipv4Addr = v["containers"][0]["address"]
-            .as_str()
-            .context("no address")?
-            .parse()?;
-        let secs = first_answer(&c, 0, SocketAddr::from((addr, 80)), t0)?;
+        let secs = uc_first_answer(&c, &name, "nspawn")?;
         uc_times.push(secs);
         uc_json(&c, 0, &["rm", &name])?;
         no_workload_dirs(&c)?;
@@ -253,27 +273,7 @@ fn docker_rounds(c: &Cluster, d: &Dockerd, rounds: usize) -> anyhow::Result<(Vec
     let (mut ucs, mut bares) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let name = format!("d{r}");
-        let t0 = Instant::now();
-        let v = uc_json(
-            c,
-            0,
-            &[
-                "run",
-                "-d",
-                "-n",
-                &name,
-                "--runtime",
-                "docker",
-                "-m",
-                "m1",
-                "demo",
-            ],
-        )?;
-        let addr: std::net::Ipv4Addr = v["containers"][0]["address"]
-            .as_str()
-            .context("no address")?
-            .parse()?;
-        let secs = first_answer(c, 0, SocketAddr::from((addr, 80)), t0)?;
+        let secs = uc_first_answer(c, &name, "docker")?;
         ucs.push(secs);
         uc_json(c, 0, &["rm", &name])?;
         no_docker_containers(d, 30)?;
@@ -318,27 +318,7 @@ fn vm_rounds(c: &Cluster, rounds: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)>
     let (mut ucs, mut bares) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let name = format!("v{r}");
-        let t0 = Instant::now();
-        let v = uc_json(
-            c,
-            0,
-            &[
-                "run",
-                "-d",
-                "-n",
-                &name,
-                "--runtime",
-                "vm",
-                "-m",
-                "m1",
-                "demo",
-            ],
-        )?;
-        let addr: std::net::Ipv4Addr = v["containers"][0]["address"]
-            .as_str()
-            .context("no address")?
-            .parse()?;
-        let secs = first_answer(c, 0, SocketAddr::from((addr, 80)), t0)?;
+        let secs = uc_first_answer(c, &name, "vm")?;
         ucs.push(secs);
         uc_json(c, 0, &["rm", &name])?;
         no_workload_dirs(c)?;

@@ -158,10 +158,7 @@ impl Nspawn {
         if !net::has_link(&host_if).await? {
             net::attach(&ns, &host_if, w.address, w.prefix, w.gateway, WORKLOAD_MTU).await?;
         }
-        if let Some(mut m) = self.dirs.read_meta(&w.id) {
-            m.started_ms = shim::now_ms();
-            self.dirs.write_meta(&m)?;
-        }
+        self.dirs.mark_started(&w.id)?;
         self.spawn_shim(w).await
     }
 }
@@ -221,23 +218,15 @@ impl Runtime for Nspawn {
         let image = self.images.require(&w.spec.image)?;
         self.command(w, &image)?;
         self.dirs.save_workload(w, RuntimeKind::Nspawn)?;
-        if let Err(e) = self.start_workload(w).await {
-            let _ = self.remove(&w.id).await;
-            return Err(e);
-        }
-        Ok(())
+        let started = self.start_workload(w).await;
+        crate::runtime::undo_if_failed(self, &w.id, started).await
     }
 
     async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
-        if self.dirs.live_shim(id).is_some() {
-            return Ok(());
+        match self.dirs.to_restart(id)? {
+            Some(w) => self.start_workload(&w).await,
+            None => Ok(()),
         }
-        let w = self.dirs.saved_workload(id)?;
-        if let Some(mut m) = self.dirs.read_meta(id) {
-            m.restarts += 1;
-            self.dirs.write_meta(&m)?;
-        }
-        self.start_workload(&w).await
     }
 
     async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError> {

@@ -159,6 +159,19 @@ pub(crate) fn exec_env(
     env.into_iter().collect()
 }
 
+/// For a runtime's `create`: when making or starting the container failed, removes what was
+/// made of it, and passes the failure on.
+pub(crate) async fn undo_if_failed<R: Runtime + ?Sized>(
+    rt: &R,
+    id: &ContainerId,
+    made: Result<(), RuntimeError>,
+) -> Result<(), RuntimeError> {
+    if made.is_err() {
+        let _ = rt.remove(id).await;
+    }
+    made
+}
+
 /// A workload as it was created, kept in `workload.json` for restarts.
 #[derive(Serialize, Deserialize)]
 struct SavedWorkload {
@@ -290,6 +303,31 @@ impl WorkloadDirs {
             started_ms: shim::now_ms(),
             restarts: 0,
         })
+    }
+
+    /// For a shim-run runtime's `start`: the saved workload of a container whose shim does not
+    /// run, with its restart counted; None if it runs.
+    pub fn to_restart(&self, id: &ContainerId) -> Result<Option<Workload>, RuntimeError> {
+        if self.live_shim(id).is_some() {
+            return Ok(None);
+        }
+        let w = self.saved_workload(id)?;
+        if let Some(mut m) = self.read_meta(id) {
+            m.restarts += 1;
+            self.write_meta(&m)?;
+        }
+        Ok(Some(w))
+    }
+
+    /// Records in `meta.json` that the workload starts now.
+    pub fn mark_started(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+        match self.read_meta(id) {
+            Some(mut m) => {
+                m.started_ms = shim::now_ms();
+                self.write_meta(&m)
+            }
+            None => Ok(()),
+        }
     }
 
     /// The workload as [`Self::save_workload`] kept it.

@@ -472,10 +472,7 @@ impl Vm {
         self.prepare(w).await?;
         let accel = self.accel().await;
         let argv = self.argv(w, accel)?;
-        if let Some(mut m) = self.dirs.read_meta(&w.id) {
-            m.started_ms = shim::now_ms();
-            self.dirs.write_meta(&m)?;
-        }
+        self.dirs.mark_started(&w.id)?;
         let limit = guest_memory(w.spec.memory)? + QEMU_OVERHEAD;
         crate::runtime::spawn_shim(&self.dirs, &self.shim_exe, w, &argv, Some(limit)).await
     }
@@ -634,23 +631,15 @@ impl Runtime for Vm {
         seed_files(w, &image)?;
         guest_memory(w.spec.memory)?;
         self.dirs.save_workload(w, RuntimeKind::Vm)?;
-        if let Err(e) = self.start_workload(w).await {
-            let _ = self.remove(&w.id).await;
-            return Err(e);
-        }
-        Ok(())
+        let started = self.start_workload(w).await;
+        crate::runtime::undo_if_failed(self, &w.id, started).await
     }
 
     async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
-        if self.dirs.live_shim(id).is_some() {
-            return Ok(());
+        match self.dirs.to_restart(id)? {
+            Some(w) => self.start_workload(&w).await,
+            None => Ok(()),
         }
-        let w = self.dirs.saved_workload(id)?;
-        if let Some(mut m) = self.dirs.read_meta(id) {
-            m.restarts += 1;
-            self.dirs.write_meta(&m)?;
-        }
-        self.start_workload(&w).await
     }
 
     /// The power button first: the guest's /init SIGTERMs the workload, SIGKILLs it after
