@@ -390,7 +390,6 @@ async fn spawn_peer_server(
     let incoming = peer::screened_incoming(listener, node.clone(), tracker, shutdown.clone());
     tracker.spawn(async move {
         let r = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(peer_service)
             .serve_with_incoming_shutdown(incoming, stop.cancelled())
             .await;

@@ -13,7 +13,10 @@ use futures::TryStreamExt;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 /// The bridge of a machine's workloads.
 pub const BRIDGE: &str = "ucbr0";
@@ -258,45 +261,33 @@ pub async fn attach(
     let bridge = link_index(&h, BRIDGE)
         .await?
         .ok_or_else(|| NetError::NoLink(BRIDGE.into()))?;
-    let peer = format!("ut{}", &host_if[2..]);
     if link_index(&h, host_if).await?.is_some() {
         detach(host_if).await?;
     }
-    h.link()
-        .add(LinkVeth::new(host_if, &peer).mtu(mtu).build())
-        .execute()
-        .await
-        .map_err(nl(format!("creating veth {host_if}")))?;
     let ns = fs::File::open(netns).map_err(sys("opening", netns))?;
-    let peer_index = link_index(&h, &peer)
-        .await?
-        .ok_or_else(|| NetError::NoLink(peer.clone()))?;
-    let host_index = link_index(&h, host_if)
-        .await?
-        .ok_or_else(|| NetError::NoLink(host_if.into()))?;
+    // One request makes the pair: the outer end a port of the bridge and up, the inner end
+    // born in the workload's namespace as eth0. Moving a link into a namespace after the
+    // fact waits for the kernel's network-wide RCU grace periods, about 15 ms here.
+    let inner_end = LinkMessageBuilder::<LinkUnspec>::new()
+        .name("eth0".to_string())
+        .mtu(mtu)
+        .setns_by_fd(ns.as_raw_fd())
+        .build();
     h.link()
-        .set(
-            LinkUnspec::new_with_index(peer_index)
-                .setns_by_fd(ns.as_raw_fd())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl(format!("moving {peer} into the workload's namespace")))?;
-    h.link()
-        .set(
-            LinkUnspec::new_with_index(host_index)
+        .add(
+            LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                .name(host_if.to_string())
+                .mtu(mtu)
                 .controller(bridge)
+                .up()
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(inner_end)))
                 .build(),
         )
         .execute()
         .await
-        .map_err(nl(format!("plugging {host_if} into {BRIDGE}")))?;
-    h.link()
-        .set(LinkUnspec::new_with_index(host_index).up().build())
-        .execute()
-        .await
-        .map_err(nl(format!("bringing {host_if} up")))?;
+        .map_err(nl(format!(
+            "creating veth {host_if} into the workload's namespace"
+        )))?;
     // Configure the inside from a thread that entered the namespace: its
     // netlink socket belongs to the namespace it was opened in.
     let inner = std::thread::spawn(move || -> Result<(), NetError> {
@@ -316,18 +307,9 @@ pub async fn attach(
                 .execute()
                 .await
                 .map_err(nl("bringing lo up"))?;
-            let i = link_index(&h, &peer)
+            let i = link_index(&h, "eth0")
                 .await?
-                .ok_or_else(|| NetError::NoLink(peer.clone()))?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(i)
-                        .name("eth0".to_string())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl("naming eth0"))?;
+                .ok_or_else(|| NetError::NoLink("eth0".into()))?;
             h.address()
                 .add(i, IpAddr::V4(addr), prefix)
                 .execute()

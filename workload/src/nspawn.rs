@@ -147,19 +147,26 @@ impl Nspawn {
     }
 
     async fn start_workload(&self, w: &Workload) -> Result<(), RuntimeError> {
+        let t = std::time::Instant::now();
         net::ensure_bridge(w.gateway, w.prefix).await?;
+        let bridge_us = t.elapsed().as_micros();
         self.mount_overlay(&w.id, &w.spec.image)?;
         self.write_identity(w)?;
+        let fs_us = t.elapsed().as_micros();
         let ns = self.netns(&w.id);
         if !is_mountpoint(&ns) {
             net::create_netns(&ns)?;
         }
+        let netns_us = t.elapsed().as_micros();
         let host_if = net::host_ifname(w.id.as_str());
         if !net::has_link(&host_if).await? {
             net::attach(&ns, &host_if, w.address, w.prefix, w.gateway, WORKLOAD_MTU).await?;
         }
+        let link_us = t.elapsed().as_micros();
         self.dirs.mark_started(&w.id)?;
-        self.spawn_shim(w).await
+        let r = self.spawn_shim(w).await;
+        tracing::debug!(container = %w.id.short(), bridge_us, fs_us, netns_us, link_us, shim_us = t.elapsed().as_micros(), "nspawn start phases");
+        r
     }
 }
 
