@@ -65,6 +65,33 @@ fn candidates(node: &Node) -> Vec<Candidate> {
         .collect()
 }
 
+/// The host ports held on each machine: those of every container there (stopped ones keep
+/// theirs until removed), except `except`'s.
+pub fn taken_ports(doc: &uc_crdt::ClusterState, except: Option<&ServiceId>) -> place::TakenPorts {
+    let services: BTreeMap<ServiceId, (String, Vec<uc_proto::spec::HostPort>)> = doc
+        .services()
+        .into_iter()
+        .filter(|s| Some(&s.id) != except)
+        .filter_map(|s| {
+            let spec = ServiceSpec::from_json(&s.spec).ok()?;
+            let ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
+            (!ports.is_empty()).then_some((s.id, (s.name, ports)))
+        })
+        .collect();
+    let mut out = place::TakenPorts::new();
+    for c in doc.containers() {
+        if let Some((name, ports)) = services.get(&c.service) {
+            let held = out.entry(c.machine.clone()).or_default();
+            for p in ports {
+                if !held.iter().any(|(h, _)| h == p) {
+                    held.push((*p, name.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Checks a spec as `uc run` sends it; every problem is a clear error.
 pub fn check_spec(name: &str, spec_json: &str) -> Result<ServiceSpec, Status> {
     uc_crdt::check_name("service", name).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -75,6 +102,19 @@ pub fn check_spec(name: &str, spec_json: &str) -> Result<ServiceSpec, Status> {
     for p in &spec.ports {
         p.parse::<PortSpec>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    }
+    let host_ports = spec.host_ports();
+    for (i, (a, _)) in host_ports.iter().enumerate() {
+        if a.ip.is_some_and(|ip| ip.is_ipv6()) {
+            return Err(Status::invalid_argument(format!(
+                "host port {a}: publishing on an IPv6 address is not supported yet"
+            )));
+        }
+        if let Some((b, _)) = host_ports[..i].iter().find(|(b, _)| a.clashes(b)) {
+            return Err(Status::invalid_argument(format!(
+                "host port {a} is given twice (also as {b})"
+            )));
+        }
     }
     if let Mode::Replicated { replicas } = spec.mode
         && replicas > MAX_REPLICAS
@@ -152,12 +192,23 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
         Mode::Replicated { replicas } => replicas as usize,
         Mode::Global => eligible.len(),
     };
-    let existing = node.read(|doc| doc.containers());
+    let (existing, taken) = node.read(|doc| (doc.containers(), taken_ports(doc, None)));
+    let host_ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
+    let blocked = place::port_clashes(&host_ports, &taken);
     let placed = if spec.mode == Mode::Global {
         // One per eligible machine.
         let mut out = Vec::new();
         let mut used: BTreeSet<_> = existing.iter().filter_map(|c| c.address).collect();
         for c in &eligible {
+            if let Some(why) = blocked.get(&c.id) {
+                return Err(Status::failed_precondition(
+                    place::PlaceError::HostPortTaken {
+                        name: c.name.clone(),
+                        why: why.clone(),
+                    }
+                    .to_string(),
+                ));
+            }
             let a = place::free_address(c.subnet, &used).ok_or_else(|| {
                 Status::failed_precondition(
                     place::PlaceError::SubnetFull {
@@ -172,8 +223,16 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
         }
         out
     } else {
-        place::place(&eligible, &existing, &service, count, spec.memory)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?
+        place::place(
+            &eligible,
+            &existing,
+            &service,
+            count,
+            spec.memory,
+            &host_ports,
+            &blocked,
+        )
+        .map_err(|e| Status::failed_precondition(e.to_string()))?
     };
     let names: BTreeMap<MachineId, String> =
         all.iter().map(|c| (c.id.clone(), c.name.clone())).collect();
@@ -305,13 +364,17 @@ pub async fn scale_service(
     let (added, removed): (Vec<Container>, Vec<Container>) = if want > containers.len() {
         let eligible = place::eligible(&all, &spec.machines, spec.runtime)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let existing = node.read(|doc| doc.containers());
+        let (existing, taken) =
+            node.read(|doc| (doc.containers(), taken_ports(doc, Some(&service.id))));
+        let host_ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
         let placed = place::place(
             &eligible,
             &existing,
             &service.id,
             want - containers.len(),
             spec.memory,
+            &host_ports,
+            &place::port_clashes(&host_ports, &taken),
         )
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
         (new_containers(&service.id, placed, now), Vec::new())

@@ -18,6 +18,7 @@ use uc_proto::spec::{Mode, RuntimeKind, ServiceSpec};
 use uc_proto::v1::{FetchImageRequest, WorkloadStatus};
 use uc_proto::{ContainerId, MachineId};
 use uc_workload::image::{ImageMeta, ImageStore};
+use uc_workload::ports;
 use uc_workload::reconcile::{self, Action, Backoff, Have, Seen, Want};
 use uc_workload::runtime::{Runtime, Workload, WorkloadDirs};
 
@@ -42,6 +43,10 @@ pub struct Workloads {
     images_tx: tokio::sync::watch::Sender<String>,
     /// Serializes reconciliation passes.
     pass: tokio::sync::Mutex<()>,
+    /// Why a container has not its host ports, from the last pass (shown by `uc ps`).
+    port_errors: Mutex<BTreeMap<ContainerId, String>>,
+    /// The host ports last published (`None`: not yet since the agent started).
+    forwards: tokio::sync::Mutex<Option<Vec<ports::Forward>>>,
 }
 
 /// How often the runtimes are asked again whether they work here.
@@ -128,6 +133,8 @@ impl Workloads {
             errors: Mutex::default(),
             kick: Notify::new(),
             pass: tokio::sync::Mutex::new(()),
+            port_errors: Mutex::default(),
+            forwards: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -232,11 +239,17 @@ impl Workloads {
     /// The workloads of this machine as the runtimes see them.
     pub async fn statuses(&self) -> Vec<WorkloadStatus> {
         let mut out = Vec::new();
-        let errors = self
-            .errors
+        let mut errors = self
+            .port_errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        errors.extend(
+            self.errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        );
         for r in &self.runtimes {
             for s in r.list().await {
                 let (state, since, code) = match s.seen {
@@ -313,6 +326,80 @@ impl Workloads {
             .map_err(|e| tonic::Status::failed_precondition(e.to_string()))
     }
 
+    /// Which containers get their host ports, and the forwards that result. A container
+    /// that loses a clash ([`ports::claim`]) is not run; one not made yet whose port a program
+    /// of this machine holds is not made (tried again every pass). Both keep an error that
+    /// says why, for `uc ps`.
+    fn settle_ports(
+        &self,
+        claims: Vec<ports::Claim>,
+        want: &mut Vec<Want>,
+        have: &[Have],
+        workloads: &BTreeMap<ContainerId, Workload>,
+    ) -> Vec<ports::Forward> {
+        let (mut forwards, refused) = ports::claim(claims);
+        let exists = |id: &ContainerId| have.iter().any(|h| &h.id == id);
+        let mut blocked: BTreeMap<ContainerId, String> = refused.into_iter().collect();
+        for w in want.iter().filter(|w| w.running && !exists(&w.id)) {
+            if blocked.contains_key(&w.id) {
+                continue;
+            }
+            let Some(wl) = workloads.get(&w.id) else {
+                continue;
+            };
+            if let Some(why) = wl
+                .spec
+                .host_ports()
+                .iter()
+                .find_map(|(p, _)| ports::unavailable(p))
+            {
+                blocked.insert(w.id.clone(), why);
+            }
+        }
+        {
+            let mut errors = self.port_errors.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, why) in &blocked {
+                if errors.get(id) != Some(why) {
+                    tracing::warn!(container = %id.short(), why = %why, "not running a container: its host port is taken");
+                }
+            }
+            *errors = blocked.clone();
+        }
+        // Not made yet: not made. Made already (it lost a clash): stopped.
+        want.retain(|w| !blocked.contains_key(&w.id) || exists(&w.id));
+        for w in want.iter_mut().filter(|w| blocked.contains_key(&w.id)) {
+            w.running = false;
+        }
+        forwards.retain(|f| !blocked.contains_key(&f.container));
+        forwards
+    }
+
+    /// Makes the kernel forward exactly `forwards` (only when they changed since the last
+    /// time it worked). A failure is each forwarding container's error.
+    async fn publish_ports(&self, forwards: Vec<ports::Forward>) {
+        let mut last = self.forwards.lock().await;
+        if last.as_ref() == Some(&forwards) {
+            return;
+        }
+        match ports::apply(&forwards).await {
+            Ok(()) => {
+                for f in &forwards {
+                    if last.as_ref().is_none_or(|l| !l.contains(f)) {
+                        tracing::info!(container = %f.container.short(), port = %f.port, to = %f.to, "host port published");
+                    }
+                }
+                *last = Some(forwards);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing host ports failed");
+                let mut errors = self.port_errors.lock().unwrap_or_else(|p| p.into_inner());
+                for f in &forwards {
+                    errors.insert(f.container.clone(), e.to_string());
+                }
+            }
+        }
+    }
+
     fn set_error(&self, id: &ContainerId, e: Option<String>) {
         let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         match e {
@@ -344,12 +431,20 @@ impl Workloads {
                 })
                 .collect()
         });
-        for (service, _) in todo {
+        for (service, spec) in todo {
             let r = self.node.write(|doc| {
                 let Some(m) = doc.machine(me) else {
                     return Ok(());
                 };
                 if !m.is_active() {
+                    return Ok(());
+                }
+                // A host port another service holds here: no container here (`uc ps` shows
+                // the service short of this machine).
+                let ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
+                let taken = crate::services::taken_ports(doc, Some(&service));
+                if let Some(why) = uc_workload::place::port_clashes(&ports, &taken).get(me) {
+                    tracing::debug!(service = %service, why = %why, "not placing a global service here");
                     return Ok(());
                 }
                 let used = doc.containers().iter().filter_map(|c| c.address).collect();
@@ -397,6 +492,7 @@ impl Workloads {
         });
         let active = machine.as_ref().is_some_and(|m| m.is_active());
         let mut want = Vec::new();
+        let mut claims = Vec::new();
         let mut workloads: BTreeMap<ContainerId, Workload> = BTreeMap::new();
         if let (true, Some(m)) = (active, &machine) {
             let gateway = m.subnet.host(1).expect("a /24 has a first host");
@@ -406,6 +502,16 @@ impl Workloads {
                     continue;
                 };
                 let digest = digest(&spec, address);
+                let host_ports = spec.host_ports();
+                if c.desired == DesiredState::Running && !host_ports.is_empty() {
+                    claims.push(ports::Claim {
+                        container: c.id.clone(),
+                        service: name.clone(),
+                        created_at_ms: c.created_at_ms,
+                        address,
+                        ports: host_ports,
+                    });
+                }
                 want.push(Want {
                     id: c.id.clone(),
                     digest: digest.clone(),
@@ -450,6 +556,9 @@ impl Workloads {
                 }
             }
         }
+        let keep: std::collections::BTreeSet<ContainerId> =
+            want.iter().map(|w| w.id.clone()).collect();
+        let forwards = self.settle_ports(claims, &mut want, &have, &workloads);
         let backoff: BTreeMap<ContainerId, Backoff> = self
             .backoff
             .lock()
@@ -461,8 +570,8 @@ impl Workloads {
         for action in actions {
             self.apply(action, &workloads, &kinds).await;
         }
+        self.publish_ports(forwards).await;
         // Forget what is gone.
-        let keep: std::collections::BTreeSet<&ContainerId> = want.iter().map(|w| &w.id).collect();
         self.backoff
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -108,6 +108,55 @@ impl ServiceSpec {
     pub fn port_specs(&self) -> Vec<PortSpec> {
         self.ports.iter().filter_map(|p| p.parse().ok()).collect()
     }
+
+    /// The ports published on the machine of each container (`...@host`), with the container
+    /// port each one forwards to.
+    pub fn host_ports(&self) -> Vec<(HostPort, u16)> {
+        self.port_specs()
+            .into_iter()
+            .filter_map(|p| match p.mode {
+                PortMode::Host { ip, host_port } => Some((
+                    HostPort {
+                        ip,
+                        port: host_port,
+                        udp: p.proto.is_udp(),
+                    },
+                    p.container_port,
+                )),
+                PortMode::Ingress { .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// A port a container takes on its machine: `[ip:]port/tcp|udp`, on every address of the
+/// machine when `ip` is `None`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostPort {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+    pub udp: bool,
+}
+
+impl HostPort {
+    /// Whether two containers on one machine could not both have these: same port and
+    /// protocol, and the same address or either on every address.
+    pub fn clashes(&self, other: &HostPort) -> bool {
+        self.port == other.port
+            && self.udp == other.udp
+            && (self.ip.is_none() || other.ip.is_none() || self.ip == other.ip)
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = if self.udp { "udp" } else { "tcp" };
+        match self.ip {
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}/{proto}", self.port),
+            Some(ip) => write!(f, "{ip}:{}/{proto}", self.port),
+            None => write!(f, "{}/{proto}", self.port),
+        }
+    }
 }
 
 /// Protocol of a published port.
@@ -463,6 +512,42 @@ mod tests {
         assert!(e("example.com:80/tcp").contains("only for http and https"));
         assert!(e("a:b:c:d").contains("too many"));
         assert!(e("+80").contains("container port"));
+    }
+
+    #[test]
+    fn host_ports_and_their_clashes() {
+        let spec = ServiceSpec {
+            image: "demo".into(),
+            runtime: RuntimeKind::Nspawn,
+            command: vec![],
+            env: BTreeMap::new(),
+            ports: vec![
+                "8080:80@host".into(),
+                "127.0.0.1:5353:53/udp@host".into(),
+                "app.example.com:8000/https".into(),
+            ],
+            mode: Mode::Global,
+            machines: vec![],
+            cpu: None,
+            memory: None,
+        };
+        let hp = spec.host_ports();
+        assert_eq!(hp.len(), 2, "the ingress port is not a host port: {hp:?}");
+        let (any, to) = hp[0];
+        assert_eq!((any.to_string().as_str(), to), ("8080/tcp", 80));
+        let (lo, to) = hp[1];
+        assert_eq!((lo.to_string().as_str(), to), ("127.0.0.1:5353/udp", 53));
+        let at = |ip: Option<&str>, port, udp| HostPort {
+            ip: ip.map(|i| i.parse().unwrap()),
+            port,
+            udp,
+        };
+        assert!(any.clashes(&at(Some("10.0.0.1"), 8080, false)));
+        assert!(at(Some("10.0.0.1"), 8080, false).clashes(&any));
+        assert!(!any.clashes(&at(None, 8080, true)), "tcp and udp are apart");
+        assert!(!any.clashes(&at(None, 8081, false)));
+        assert!(!at(Some("10.0.0.1"), 1, false).clashes(&at(Some("10.0.0.2"), 1, false)));
+        assert!(at(Some("10.0.0.1"), 1, false).clashes(&at(Some("10.0.0.1"), 1, false)));
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //!   runtime and machine reach each other by their mesh addresses, unNATed.
 //!   dockerd sets the FORWARD policy to DROP and accepts new connections into
 //!   its bridges only for published ports, so as soon as the engine is seen,
-//!   three rules appended to FORWARD (after Docker's chains, `DOCKER-USER`
-//!   included) accept mesh to bridge, bridge to mesh and bridge to bridge.
+//!   rules appended to FORWARD (after Docker's chains, `DOCKER-USER`
+//!   included) accept mesh to bridge, bridge to mesh, bridge to bridge, and
+//!   connections to host ports (destination-NATed, see `ports.rs`).
 //! - Images: uc's image store is the source. The first container of an image
 //!   imports its root filesystem into the engine (`docker import`, with the
 //!   image's command, environment and working directory) as
@@ -282,19 +283,27 @@ impl Docker {
     }
 
     /// Makes sure the FORWARD chain accepts the workloads' traffic: mesh to bridge, bridge to
-    /// mesh, and bridge to bridge (with br_netfilter on, bridged packets pass iptables too).
+    /// mesh, bridge to bridge (with br_netfilter on, bridged packets pass iptables too), and
+    /// host ports' connections.
     /// dockerd sets FORWARD's policy to DROP and accepts only its own networks' traffic until
     /// its network `uc` exists, so without these the other runtimes' containers are cut off.
     /// The rules are appended: Docker's chains (`DOCKER-USER`, where a user restricts) come
     /// first.
     async fn accept_from_mesh(&self) {
-        let rules: [[&str; 4]; 3] = [
-            [self.mesh_if.as_str(), net::BRIDGE, "", ""],
-            [net::BRIDGE, self.mesh_if.as_str(), "", ""],
-            [net::BRIDGE, net::BRIDGE, "", ""],
+        let mesh = self.mesh_if.as_str();
+        let rules: [&[&str]; 4] = [
+            &["-i", mesh, "-o", net::BRIDGE],
+            &["-i", net::BRIDGE, "-o", mesh],
+            &["-i", net::BRIDGE, "-o", net::BRIDGE],
+            // Host ports (`ports.rs`): connections sent to a workload by destination NAT,
+            // from any interface, both ways.
+            &["-m", "conntrack", "--ctstate", "DNAT"],
         ];
-        for [i, o, _, _] in rules {
-            let rule = ["FORWARD", "-i", i, "-o", o, "-j", "ACCEPT"];
+        for m in rules {
+            let mut rule = vec!["FORWARD"];
+            rule.extend_from_slice(m);
+            rule.extend_from_slice(&["-j", "ACCEPT"]);
+            let rule = &rule;
             let iptables = |op: &str| {
                 let mut c = tokio::process::Command::new("iptables");
                 c.arg("-w").arg(op).args(rule);
@@ -308,15 +317,13 @@ impl Docker {
             match iptables("-A").status().await {
                 Ok(s) if s.success() => {
                     tracing::info!(
-                        from = i,
-                        to = o,
+                        rule = %m.join(" "),
                         "the FORWARD chain accepts workload traffic"
                     )
                 }
                 Ok(_) | Err(_) => {
                     tracing::warn!(
-                        from = i,
-                        to = o,
+                        rule = %m.join(" "),
                         "could not add a FORWARD rule with iptables"
                     )
                 }

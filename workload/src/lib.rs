@@ -11,6 +11,7 @@ pub mod image;
 pub mod net;
 pub mod nspawn;
 pub mod place;
+pub mod ports;
 pub mod reconcile;
 pub mod runtime;
 pub mod shim;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use uc_crdt::Container;
-use uc_proto::spec::RuntimeKind;
+use uc_proto::spec::{HostPort, RuntimeKind};
 use uc_proto::{MachineId, ServiceId, Subnet};
 
 /// A machine as placement sees it: from the document (id, name, subnet) and
@@ -44,6 +44,40 @@ pub enum PlaceError {
     NotEnoughMemory { name: String, free: u64, need: u64 },
     #[error("subnet {subnet} of machine {name:?} has no free address")]
     SubnetFull { name: String, subnet: Subnet },
+    #[error("no machine can take another container publishing host port {ports}: {why}")]
+    HostPorts { ports: String, why: String },
+    #[error("machine {name:?} cannot publish host port {why}")]
+    HostPortTaken { name: String, why: String },
+}
+
+/// The host ports the containers on each machine hold, with their service's name.
+pub type TakenPorts = BTreeMap<MachineId, Vec<(HostPort, String)>>;
+
+/// The machines where a service publishing `wanted` cannot go, each with why: another
+/// service's container there holds a clashing host port.
+pub fn port_clashes(wanted: &[HostPort], taken: &TakenPorts) -> BTreeMap<MachineId, String> {
+    let mut out = BTreeMap::new();
+    for (machine, held) in taken {
+        let clash = wanted
+            .iter()
+            .find_map(|w| held.iter().find(|(h, _)| w.clashes(h)).map(|x| (w, x)));
+        if let Some((w, (h, service))) = clash {
+            out.insert(
+                machine.clone(),
+                format!("{w}: service {service:?} publishes {h} there"),
+            );
+        }
+    }
+    out
+}
+
+/// The host ports of `wanted`, for messages: `8080/tcp, 53/udp`.
+pub fn ports_text(wanted: &[HostPort]) -> String {
+    wanted
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn has(c: &Candidate) -> String {
@@ -131,13 +165,17 @@ pub fn free_address(subnet: Subnet, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Add
 /// machine with the fewest containers of this service, then the fewest
 /// containers in all, then by name; each takes the lowest free address of
 /// its machine's /24. `memory` (bytes per container) must fit in a machine's
-/// free memory where that is known.
+/// free memory where that is known. A service that publishes host ports runs
+/// at most one container per machine, and none on the `blocked` machines
+/// (see [`port_clashes`]).
 pub fn place(
     eligible: &[&Candidate],
     existing: &[Container],
     service: &ServiceId,
     count: usize,
     memory: Option<u64>,
+    host_ports: &[HostPort],
+    blocked: &BTreeMap<MachineId, String>,
 ) -> Result<Vec<(MachineId, Ipv4Addr)>, PlaceError> {
     let mut used: BTreeSet<Ipv4Addr> = existing.iter().filter_map(|c| c.address).collect();
     let mut of_service: BTreeMap<&MachineId, usize> = BTreeMap::new();
@@ -158,9 +196,27 @@ pub fn place(
                 }
                 _ => true,
             };
+        let ports_ok = |c: &Candidate, of_service: &BTreeMap<&MachineId, usize>| {
+            !blocked.contains_key(&c.id)
+                && (host_ports.is_empty() || of_service.get(&c.id).copied().unwrap_or(0) == 0)
+        };
+        if !eligible.iter().any(|c| ports_ok(c, &of_service)) {
+            let why = eligible
+                .iter()
+                .map(|c| match blocked.get(&c.id) {
+                    Some(b) => format!("{}: {b}", c.name),
+                    None => format!("{} runs one of this service already", c.name),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(PlaceError::HostPorts {
+                ports: ports_text(host_ports),
+                why,
+            });
+        }
         let best = eligible
             .iter()
-            .filter(|c| fits(c, &reserved))
+            .filter(|c| ports_ok(c, &of_service) && fits(c, &reserved))
             .min_by_key(|c| {
                 (
                     of_service.get(&c.id).copied().unwrap_or(0),
@@ -234,6 +290,66 @@ mod tests {
     use uc_crdt::DesiredState;
     use uc_proto::ContainerId;
 
+    #[test]
+    fn host_ports_take_one_container_per_machine_and_avoid_clashes() {
+        let all = [
+            m(1, true, &[RuntimeKind::Nspawn]),
+            m(2, true, &[RuntimeKind::Nspawn]),
+            m(3, true, &[RuntimeKind::Nspawn]),
+        ];
+        let el = eligible(&all, &[], RuntimeKind::Nspawn).unwrap();
+        let svc = ServiceId::from_bytes([9; 16]);
+        let web = HostPort {
+            ip: None,
+            port: 8080,
+            udp: false,
+        };
+        // m2 holds 8080/tcp on one address for another service: the wildcard clashes.
+        let mut taken = TakenPorts::new();
+        taken.insert(
+            all[1].id.clone(),
+            vec![(
+                HostPort {
+                    ip: Some("192.0.2.7".parse().unwrap()),
+                    ..web
+                },
+                "other".to_string(),
+            )],
+        );
+        // 8080/udp on m3 does not clash with 8080/tcp.
+        taken.insert(
+            all[2].id.clone(),
+            vec![(HostPort { udp: true, ..web }, "dns".to_string())],
+        );
+        let blocked = port_clashes(&[web], &taken);
+        assert_eq!(blocked.keys().collect::<Vec<_>>(), vec![&all[1].id]);
+        assert!(blocked[&all[1].id].contains("\"other\" publishes 192.0.2.7:8080/tcp"));
+
+        let p = place(&el, &[], &svc, 2, None, &[web], &blocked).unwrap();
+        let machines: BTreeSet<_> = p.iter().map(|(m, _)| m.clone()).collect();
+        assert_eq!(
+            machines,
+            BTreeSet::from([all[0].id.clone(), all[2].id.clone()])
+        );
+
+        let err = place(&el, &[], &svc, 3, None, &[web], &blocked).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("host port 8080/tcp"), "{text}");
+        assert!(
+            text.contains("m1 runs one of this service already"),
+            "{text}"
+        );
+        assert!(text.contains("m2: 8080/tcp: service \"other\""), "{text}");
+
+        // Without host ports the same service may stack on a machine.
+        assert_eq!(
+            place(&el, &[], &svc, 5, None, &[], &BTreeMap::new())
+                .unwrap()
+                .len(),
+            5
+        );
+    }
+
     fn m(i: u8, live: bool, rts: &[RuntimeKind]) -> Candidate {
         Candidate {
             id: MachineId::from_bytes([i; 16]),
@@ -272,7 +388,7 @@ mod tests {
             ["m1", "m2"]
         );
         let svc = ServiceId::from_bytes([9; 16]);
-        let p = place(&el, &[], &svc, 3, None).unwrap();
+        let p = place(&el, &[], &svc, 3, None, &[], &BTreeMap::new()).unwrap();
         assert_eq!(p[0], (ms[0].id.clone(), "10.210.1.2".parse().unwrap()));
         assert_eq!(p[1], (ms[1].id.clone(), "10.210.2.2".parse().unwrap()));
         assert_eq!(p[2], (ms[0].id.clone(), "10.210.1.3".parse().unwrap()));
@@ -289,7 +405,7 @@ mod tests {
             container(3, &other, &ms[1], 3),
         ];
         let el = eligible(&ms, &[], N).unwrap();
-        let p = place(&el, &existing, &svc, 1, None).unwrap();
+        let p = place(&el, &existing, &svc, 1, None, &[], &BTreeMap::new()).unwrap();
         assert_eq!(p, [(ms[1].id.clone(), "10.210.2.4".parse().unwrap())]);
     }
 
@@ -324,9 +440,14 @@ mod tests {
         a.free_memory = Some(300 << 20);
         let el = vec![&a];
         let svc = ServiceId::from_bytes([9; 16]);
-        assert_eq!(place(&el, &[], &svc, 2, Some(128 << 20)).unwrap().len(), 2);
         assert_eq!(
-            place(&el, &[], &svc, 3, Some(128 << 20)).unwrap_err(),
+            place(&el, &[], &svc, 2, Some(128 << 20), &[], &BTreeMap::new())
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            place(&el, &[], &svc, 3, Some(128 << 20), &[], &BTreeMap::new()).unwrap_err(),
             PlaceError::NotEnoughMemory {
                 name: "m1".into(),
                 free: 44,
@@ -341,7 +462,7 @@ mod tests {
             })
             .collect();
         assert!(matches!(
-            place(&el, &full, &svc, 1, None).unwrap_err(),
+            place(&el, &full, &svc, 1, None, &[], &BTreeMap::new()).unwrap_err(),
             PlaceError::SubnetFull { .. }
         ));
     }
@@ -362,7 +483,7 @@ mod tests {
                 })
                 .collect();
             let el = eligible(&ms, &[], N).unwrap();
-            let p = place(&el, &existing, &svc, count, None).unwrap();
+            let p = place(&el, &existing, &svc, count, None, &[], &BTreeMap::new()).unwrap();
             proptest::prop_assert_eq!(p.len(), count);
             let mut seen: BTreeSet<Ipv4Addr> = existing.iter().filter_map(|c| c.address).collect();
             for (mid, addr) in &p {

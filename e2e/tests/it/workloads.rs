@@ -207,7 +207,11 @@ fn kill9_of_an_agent_leaves_workloads_running_and_the_restart_adopts_them() -> a
     with_cluster(ClusterBuilder::new(2), |c| {
         c.wait_membership()?;
         import_demo(c, 0)?;
-        uc_ok(c, 0, &["run", "-n", "web", "-m", "m1", "demo"])?;
+        uc_ok(
+            c,
+            0,
+            &["run", "-n", "web", "-m", "m1", "-p", "8080:80@host", "demo"],
+        )?;
         let before = ps(c, 0)?;
         ensure!(
             before.len() == 1 && before[0]["machine"] == "m1",
@@ -217,6 +221,11 @@ fn kill9_of_an_agent_leaves_workloads_running_and_the_restart_adopts_them() -> a
         let addr = before[0]["address"].as_str().unwrap().to_string();
         let pid = before[0]["pid"].as_u64().context("pid")?;
         ensure!(pid > 0, "no pid: {before:?}");
+        eventually(WAIT, "m1:8080 answers", || {
+            let body = curl_from_machine(c, 1, "http://127.0.0.1:8080/")?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
 
         c.kill9(1)?;
         // The workload still serves on its machine. (Across the mesh it waits for the agent:
@@ -225,6 +234,12 @@ fn kill9_of_an_agent_leaves_workloads_running_and_the_restart_adopts_them() -> a
         ensure!(
             body.contains("Hello from uc"),
             "with m1's agent dead: {body:?}"
+        );
+        // So does its host port: the kernel forwards it, not the agent.
+        let body = curl_from_machine(c, 1, "http://127.0.0.1:8080/")?;
+        ensure!(
+            body.contains("Hello from uc"),
+            "m1:8080 with m1's agent dead: {body:?}"
         );
         c.restart(1)?;
         c.wait_ready(1)?;
@@ -272,6 +287,170 @@ fn kill9_of_an_agent_leaves_workloads_running_and_the_restart_adopts_them() -> a
             );
             let body = curl_from_machine(c, 0, &format!("http://{addr}/"))?;
             ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
+        Ok(())
+    })
+}
+
+/// `uc run` that must fail, with `want` in its error; the cluster's services are unchanged.
+fn run_refused(c: &Cluster, args: &[&str], want: &str) -> anyhow::Result<()> {
+    let before = c.dump(0)?["services"].clone();
+    let out = c.uc(0, args)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "uc {args:?} succeeded");
+    ensure!(err.contains(want), "uc {args:?}: {err:?} lacks {want:?}");
+    ensure!(c.dump(0)?["services"] == before, "uc {args:?} wrote");
+    Ok(())
+}
+
+/// machine `i`'s nftables table of host ports, or "" when it has none.
+fn ports_table(c: &Cluster, i: usize) -> anyhow::Result<String> {
+    let out = c.exec_in(i, &["nft", "list", "table", "ip", "uc"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(2), |c| {
+        c.wait_membership()?;
+        import_demo(c, 0)?;
+        uc_ok(
+            c,
+            0,
+            &["run", "-n", "web", "-m", "m1", "-p", "8080:80@host", "demo"],
+        )?;
+        let m1_mesh = c.mesh_ip(1)?;
+        let m1_underlay = c.machine(1).ip;
+        eventually(WAIT, "m1's port 8080 answers from everywhere", || {
+            for (from, url) in [
+                (0, format!("http://{m1_mesh}:8080/")),
+                (0, format!("http://{m1_underlay}:8080/")),
+                (1, "http://127.0.0.1:8080/".to_string()),
+                (1, format!("http://{m1_mesh}:8080/")),
+            ] {
+                let body = curl_from_machine(c, from, &url)?;
+                ensure!(
+                    body.contains("Hello from uc"),
+                    "{url} from m{from}: {body:?}"
+                );
+            }
+            Ok(())
+        })?;
+
+        // Clashes are refused before anything is written, naming who holds the port.
+        run_refused(
+            c,
+            &[
+                "run",
+                "-n",
+                "web2",
+                "-m",
+                "m1",
+                "-p",
+                "8080:81@host",
+                "demo",
+            ],
+            "8080/tcp: service \"web\" publishes 8080/tcp there",
+        )?;
+        run_refused(
+            c,
+            &[
+                "run",
+                "-n",
+                "many",
+                "--replicas",
+                "3",
+                "-p",
+                "9090:80@host",
+                "demo",
+            ],
+            "no machine can take another container publishing host port 9090/tcp",
+        )?;
+        run_refused(
+            c,
+            &["run", "-n", "v6", "-p", "[::1]:9090:80@host", "demo"],
+            "IPv6",
+        )?;
+        // 8080/udp is another port: it may go to m1.
+        uc_ok(
+            c,
+            0,
+            &[
+                "run",
+                "-n",
+                "dns",
+                "-m",
+                "m1",
+                "-p",
+                "8080:53/udp@host",
+                "demo",
+            ],
+        )?;
+
+        // A program on m1 holds 7070: the container waits, saying why, and starts once the
+        // program lets go.
+        let holder = c.in_netns(1, || std::net::TcpListener::bind("0.0.0.0:7070"))??;
+        // `uc run` waits for the container and says why it does not run; the service stays.
+        let out = c.uc(
+            0,
+            &[
+                "run",
+                "-n",
+                "held",
+                "-m",
+                "m1",
+                "-p",
+                "7070:80@host",
+                "demo",
+            ],
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("host port 7070/tcp is in use by a program"),
+            "{err}"
+        );
+        eventually(WAIT, "m1 says why held does not run", || {
+            let p = ps(c, 0)?;
+            let held = p
+                .iter()
+                .find(|x| x["service"] == "held")
+                .context("no held")?;
+            let err = held["error"].as_str().unwrap_or_default();
+            ensure!(err.contains("host port 7070/tcp is in use"), "{held:?}");
+            Ok(())
+        })?;
+        ensure!(
+            !ports_table(c, 1)?.contains("dport 7070"),
+            "7070 forwarded while held"
+        );
+        drop(holder);
+        eventually(WAIT, "held runs and m1:7070 answers", || {
+            let body = curl_from_machine(c, 0, &format!("http://{m1_mesh}:7070/"))?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
+
+        // Removing a service takes its forward away; the last one takes the table.
+        uc_ok(c, 0, &["rm", "web"])?;
+        eventually(WAIT, "8080/tcp is no longer forwarded", || {
+            let t = ports_table(c, 1)?;
+            ensure!(!t.contains("tcp dport 8080"), "{t}");
+            ensure!(
+                t.contains("tcp dport 7070") && t.contains("udp dport 8080"),
+                "{t}"
+            );
+            Ok(())
+        })?;
+        let gone = c.exec_in(
+            0,
+            &["curl", "-sS", "-m", "2", &format!("http://{m1_mesh}:8080/")],
+        )?;
+        ensure!(!gone.status.success(), "8080 still answers after uc rm web");
+        uc_ok(c, 0, &["rm", "held"])?;
+        uc_ok(c, 0, &["rm", "dns"])?;
+        eventually(WAIT, "m1 has no port table", || {
+            ensure!(ports_table(c, 1)?.is_empty(), "{}", ports_table(c, 1)?);
             Ok(())
         })?;
         Ok(())
@@ -411,6 +590,8 @@ fn a_docker_service_on_a_machine_with_its_own_dockerd_serves_over_the_mesh() -> 
                         "docker",
                         "-m",
                         "m2",
+                        "-p",
+                        "8081:80@host",
                         "demo",
                     ],
                 )?;
@@ -446,6 +627,18 @@ fn a_docker_service_on_a_machine_with_its_own_dockerd_serves_over_the_mesh() -> 
                     Ok(())
                 })?;
             }
+            // Its host port, through the underlay: dockerd's FORWARD policy drops forwarded
+            // traffic, except what uc accepts (destination-NATed connections).
+            let m2_underlay = c.machine(2).ip;
+            eventually(WAIT, "m2:8081 answers from m0", || {
+                let body =
+                    curl_from_machine(c, 0, &format!("http://{m2_underlay}:8081/cgi-bin/hello"))?;
+                ensure!(
+                    body.trim() == format!("hello from dweb-{}", &id[..8]),
+                    "{body:?}"
+                );
+                Ok(())
+            })?;
             // An nspawn workload on m0 and the Docker container reach each other, by address and
             // by name, without NAT.
             uc_ok(c, 0, &["run", "-n", "web", "-m", "m0", "demo"])?;
