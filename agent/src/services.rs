@@ -134,6 +134,9 @@ pub fn check_spec(name: &str, spec_json: &str) -> Result<ServiceSpec, Status> {
         uc_workload::vm::guest_memory(spec.memory)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
     }
+    for k in &spec.ssh_keys {
+        uc_proto::spec::check_ssh_key(k).map_err(Status::invalid_argument)?;
+    }
     for k in spec.env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(Status::invalid_argument(format!(

@@ -188,6 +188,13 @@ struct RunFlags {
     /// Memory limit: 512m, 2g, ...
     #[arg(long)]
     memory: Option<String>,
+    /// A file of SSH public keys for root in each nspawn container (repeatable; default:
+    /// your ~/.ssh/id_ed25519.pub, id_ecdsa.pub or id_rsa.pub, the first that exists).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    ssh_keys: Vec<std::path::PathBuf>,
+    /// Write no SSH key into the containers.
+    #[arg(long, conflicts_with = "ssh_keys")]
+    no_ssh_key: bool,
     /// Return once the containers are placed, without waiting for them to run.
     #[arg(short, long)]
     detach: bool,
@@ -569,6 +576,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 global: f.mode.as_deref() == Some("global"),
                 cpu: f.cpu,
                 memory: f.memory,
+                ssh_keys: workloads::ssh_keys(&f.ssh_keys, f.no_ssh_key, f.runtime)?,
                 image: f.image,
                 command: f.command,
                 detach: f.detach,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use uc_proto::spec::{Mode, PortSpec, RuntimeKind, ServiceSpec, parse_memory};
+use uc_proto::spec::{Mode, PortSpec, RuntimeKind, ServiceSpec, check_ssh_key, parse_memory};
 use uc_proto::v1::*;
 
 use crate::client::{Api, status_error};
@@ -23,10 +23,65 @@ pub struct RunArgs {
     pub global: bool,
     pub cpu: Option<f64>,
     pub memory: Option<String>,
+    /// OpenSSH public key lines.
+    pub ssh_keys: Vec<String>,
     pub image: String,
     pub command: Vec<String>,
     pub detach: bool,
     pub timeout: Duration,
+}
+
+/// The SSH public keys `uc run` writes into nspawn containers: the lines of each `--ssh-key`
+/// file (each must be a key), or by default the user's own first key of `~/.ssh`, if any.
+pub fn ssh_keys(
+    files: &[std::path::PathBuf],
+    none: bool,
+    runtime: RuntimeKind,
+) -> anyhow::Result<Vec<String>> {
+    if none {
+        return Ok(Vec::new());
+    }
+    if !files.is_empty() {
+        if runtime != RuntimeKind::Nspawn {
+            anyhow::bail!(
+                "--ssh-key: only nspawn containers get SSH keys written in, not {runtime} ones"
+            );
+        }
+        let mut keys = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--ssh-key: reading {}", f.display()))?;
+            let before = keys.len();
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                check_ssh_key(line)
+                    .map_err(|e| anyhow::anyhow!("--ssh-key {}: {e}", f.display()))?;
+                keys.push(line.to_string());
+            }
+            if keys.len() == before {
+                anyhow::bail!("--ssh-key {}: no key in it", f.display());
+            }
+        }
+        return Ok(keys);
+    }
+    if runtime != RuntimeKind::Nspawn {
+        return Ok(Vec::new());
+    }
+    let Some(home) = std::env::var_os("HOME") else {
+        return Ok(Vec::new());
+    };
+    let dir = Path::new(&home).join(".ssh");
+    for name in ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"] {
+        if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+            let key = text.trim();
+            if check_ssh_key(key).is_ok() {
+                return Ok(vec![key.to_string()]);
+            }
+        }
+    }
+    Ok(Vec::new())
 }
 
 /// The spec a `uc run` asks for; every bad flag is an error that names it.
@@ -76,6 +131,7 @@ pub fn spec_of(a: &RunArgs) -> anyhow::Result<ServiceSpec> {
         machines: a.machines.clone(),
         cpu: a.cpu,
         memory,
+        ssh_keys: a.ssh_keys.clone(),
     })
 }
 
@@ -655,6 +711,7 @@ mod tests {
             global: false,
             cpu: None,
             memory: None,
+            ssh_keys: vec![],
             image: "demo".into(),
             command: vec![],
             detach: false,
@@ -696,5 +753,38 @@ mod tests {
         a.replicas = Some(0);
         assert!(spec_of(&a).is_err());
         assert!(default_name("demo:1.0").starts_with("demo-"));
+    }
+
+    #[test]
+    fn ssh_key_files_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("uc-sshkeys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvbh6GzPSbS1k2bJqTjXl5xWdXbPiSd2S4hVYp2Kv7X a@b";
+        let good = dir.join("good.pub");
+        std::fs::write(&good, format!("# mine\n{key}\n\n")).unwrap();
+        let bad = dir.join("bad.pub");
+        std::fs::write(&bad, "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
+        let empty = dir.join("empty.pub");
+        std::fs::write(&empty, "\n").unwrap();
+        let nspawn = RuntimeKind::Nspawn;
+        assert_eq!(
+            ssh_keys(std::slice::from_ref(&good), false, nspawn).unwrap(),
+            vec![key]
+        );
+        let e = ssh_keys(std::slice::from_ref(&bad), false, nspawn)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.pub") && e.contains("a private key"), "{e}");
+        let e = ssh_keys(&[empty], false, nspawn).unwrap_err().to_string();
+        assert!(e.contains("no key in it"), "{e}");
+        let e = ssh_keys(std::slice::from_ref(&good), false, RuntimeKind::Docker)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("only nspawn"), "{e}");
+        let e = ssh_keys(&[dir.join("missing.pub")], false, nspawn).unwrap_err();
+        assert!(format!("{e:#}").contains("missing.pub"), "{e:#}");
+        assert!(ssh_keys(&[], true, nspawn).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -92,6 +92,58 @@ pub struct ServiceSpec {
     /// Memory limit in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
+    /// OpenSSH public keys written into each nspawn container's
+    /// `/root/.ssh/authorized_keys` (see [`check_ssh_key`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+}
+
+/// The key types OpenSSH accepts in `authorized_keys`.
+const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// Checks one OpenSSH public key line, `TYPE BASE64 [COMMENT]` (what `id_ed25519.pub`
+/// holds): a known type, a base64 body, one line.
+pub fn check_ssh_key(key: &str) -> Result<(), String> {
+    let key = key.trim();
+    if key.contains(['\n', '\r', '\0']) {
+        return Err("an SSH public key is one line".into());
+    }
+    if key.starts_with("-----BEGIN") {
+        return Err("this is a private key: give the public one (the .pub file)".into());
+    }
+    let mut parts = key.split_whitespace();
+    let (Some(kind), Some(body)) = (parts.next(), parts.next()) else {
+        return Err(format!(
+            "{:?} is not an SSH public key (TYPE BASE64 [COMMENT], as in ~/.ssh/id_ed25519.pub)",
+            short(key)
+        ));
+    };
+    if !SSH_KEY_TYPES.contains(&kind) {
+        return Err(format!(
+            "SSH key type {:?} is not one of {}",
+            short(kind),
+            SSH_KEY_TYPES.join(", ")
+        ));
+    }
+    let base64 = body
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+    if body.len() < 16 || body.len() % 4 != 0 || !base64 {
+        return Err(format!("the body of SSH key {kind} is not base64"));
+    }
+    Ok(())
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(40).collect()
 }
 
 impl ServiceSpec {
@@ -530,6 +582,7 @@ mod tests {
             machines: vec![],
             cpu: None,
             memory: None,
+            ssh_keys: vec![],
         };
         let hp = spec.host_ports();
         assert_eq!(hp.len(), 2, "the ingress port is not a host port: {hp:?}");
@@ -548,6 +601,28 @@ mod tests {
         assert!(!any.clashes(&at(None, 8081, false)));
         assert!(!at(Some("10.0.0.1"), 1, false).clashes(&at(Some("10.0.0.2"), 1, false)));
         assert!(at(Some("10.0.0.1"), 1, false).clashes(&at(Some("10.0.0.1"), 1, false)));
+    }
+
+    #[test]
+    fn ssh_keys_are_checked() {
+        let good = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvbh6GzPSbS1k2bJqTjXl5xWdXbPiSd2S4hVYp2Kv7X me@laptop";
+        assert_eq!(check_ssh_key(good), Ok(()));
+        assert_eq!(
+            check_ssh_key(&format!("{good}\n")),
+            Ok(()),
+            "a trailing newline is fine"
+        );
+        for (bad, why) in [
+            ("", "not an SSH public key"),
+            ("hello", "not an SSH public key"),
+            ("-----BEGIN OPENSSH PRIVATE KEY-----", "private key"),
+            ("ssh-dss AAAAB3NzaC1kc3MAAACBAP1 x", "type \"ssh-dss\""),
+            ("ssh-ed25519 not*base64*at*all!", "not base64"),
+            ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\nssh-rsa AAAA", "one line"),
+        ] {
+            let e = check_ssh_key(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]
@@ -573,6 +648,10 @@ mod tests {
             machines: vec![],
             cpu: Some(0.5),
             memory: None,
+            ssh_keys: vec![
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvbh6GzPSbS1k2bJqTjXl5xWdXbPiSd2S4hVYp2Kv7X"
+                    .into(),
+            ],
         };
         let j = spec.to_json();
         assert_eq!(j["mode"], "replicated");

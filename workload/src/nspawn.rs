@@ -102,7 +102,39 @@ impl Nspawn {
             let _ = fs::remove_file(&p);
             fs::write(&p, text).map_err(io_err("writing", &p))?;
         }
+        if !w.spec.ssh_keys.is_empty() {
+            self.write_ssh_keys(w)?;
+        }
         Ok(())
+    }
+
+    /// Root's `~/.ssh/authorized_keys`: the service's keys, after any the image has.
+    fn write_ssh_keys(&self, w: &Workload) -> Result<(), RuntimeError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let ssh = self.merged(&w.id).join("root/.ssh");
+        fs::create_dir_all(&ssh).map_err(io_err("creating", &ssh))?;
+        fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting the mode of", &ssh))?;
+        let p = ssh.join("authorized_keys");
+        let mut text = match fs::read_to_string(&p) {
+            Ok(t) if !t.is_empty() && !t.ends_with('\n') => t + "\n",
+            Ok(t) => t,
+            Err(_) => String::new(),
+        };
+        for k in &w.spec.ssh_keys {
+            if !text.lines().any(|l| l.trim() == k.trim()) {
+                text.push_str(k.trim());
+                text.push('\n');
+            }
+        }
+        let _ = fs::remove_file(&p);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(io_err("creating", &p))?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io_err("writing", &p))
     }
 
     fn command(

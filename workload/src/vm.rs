@@ -721,6 +721,7 @@ mod tests {
             machines: vec![],
             cpu: None,
             memory: None,
+            ssh_keys: vec![],
         }
     }
 

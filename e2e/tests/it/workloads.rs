@@ -877,6 +877,39 @@ fn scale_stop_start_inspect_and_global_services() -> anyhow::Result<()> {
             "{err:?}"
         );
 
+        // An SSH key given to uc run is root's authorized key in each container, private.
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvbh6GzPSbS1k2bJqTjXl5xWdXbPiSd2S4hVYp2Kv7X e2e@uc";
+        let key_file = c.machine(0).data_dir.join("e2e_key.pub");
+        std::fs::write(&key_file, format!("{key}\n"))?;
+        let key_arg = key_file.to_str().context("path")?;
+        uc_ok(
+            c,
+            0,
+            &[
+                "run",
+                "-n",
+                "keyed",
+                "-m",
+                "m1",
+                "--ssh-key",
+                key_arg,
+                "demo",
+            ],
+        )?;
+        let out = uc_ok(
+            c,
+            0,
+            &[
+                "exec",
+                "keyed",
+                "sh",
+                "-c",
+                "stat -c %a /root/.ssh /root/.ssh/authorized_keys; cat /root/.ssh/authorized_keys",
+            ],
+        )?;
+        ensure!(out == format!("700\n600\n{key}\n"), "{out:?}");
+        uc_ok(c, 0, &["rm", "keyed"])?;
+
         // Global: one container on every machine, and on a machine that joins later.
         uc_ok(c, 0, &["run", "-n", "g", "--mode", "global", "demo"])?;
         let of_g = |c: &Cluster| -> anyhow::Result<Vec<Value>> {
