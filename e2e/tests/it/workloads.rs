@@ -458,6 +458,69 @@ fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Re
 }
 
 #[test]
+fn memory_and_cpu_limits_hold_in_the_container() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(1), |c| {
+        c.wait_ready(0)?;
+        import_demo(c, 0)?;
+        uc_ok(
+            c,
+            0,
+            &[
+                "run", "-n", "lim", "--memory", "64m", "--cpu", "0.5", "demo",
+            ],
+        )?;
+        let p = ps(c, 0)?;
+        let id = p[0]["id"].as_str().context("id")?.to_string();
+        // The limits are the kernel's, on the container's own cgroups (v2, or v1's memory and
+        // cpu hierarchies).
+        let dirs = uc_workload::cgroup::dirs(&id);
+        let read = |file: &str| -> Option<String> {
+            dirs.iter()
+                .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+                .map(|s| s.trim().to_string())
+        };
+        match (read("memory.max"), read("memory.limit_in_bytes")) {
+            (Some(v), _) | (None, Some(v)) => ensure!(v == (64u64 << 20).to_string(), "memory {v}"),
+            (None, None) => bail!("no memory limit file in {dirs:?}"),
+        }
+        match (read("cpu.max"), read("cpu.cfs_quota_us")) {
+            (Some(v), _) => ensure!(v == "50000 100000", "cpu.max {v}"),
+            (None, Some(v)) => ensure!(v == "50000", "cpu.cfs_quota_us {v}"),
+            (None, None) => bail!("no CPU limit file in {dirs:?}"),
+        }
+        // What runs in it cannot take more memory than that: 100 MB in a shell variable is
+        // killed, 10 MB is not. (uc exec runs in the container's cgroups too.)
+        let grow = |mb: u32| {
+            c.uc(
+                0,
+                &[
+                    "exec",
+                    "lim",
+                    "sh",
+                    "-c",
+                    &format!("x=$(head -c {mb}000000 /dev/zero | tr '\\0' a); echo ${{#x}}"),
+                ],
+            )
+        };
+        let small = grow(10)?;
+        ensure!(
+            small.status.success() && String::from_utf8_lossy(&small.stdout).trim() == "10000000",
+            "10 MB: {small:?}"
+        );
+        let big = grow(100)?;
+        ensure!(
+            !big.status.success() && !String::from_utf8_lossy(&big.stdout).contains("100000000"),
+            "100 MB under a 64 MiB limit: {big:?}"
+        );
+        // The workload itself still serves.
+        let addr = p[0]["address"].as_str().context("address")?;
+        let body = curl_from_machine(c, 0, &format!("http://{addr}/"))?;
+        ensure!(body.contains("Hello from uc"), "{body:?}");
+        Ok(())
+    })
+}
+
+#[test]
 fn bad_runs_are_refused_with_clear_errors_and_nothing_written() -> anyhow::Result<()> {
     // m1 has no microVM kit, so the vm runtime is unavailable there.
     let b = ClusterBuilder::new(2).machine_args(1, &["--vm-kit", "/nonexistent/uc-vm-kit"]);
