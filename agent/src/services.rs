@@ -207,6 +207,7 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
                 return Err(Status::failed_precondition(
                     place::PlaceError::HostPortTaken {
                         name: c.name.clone(),
+                        ports: place::ports_text(&host_ports),
                         why: why.clone(),
                     }
                     .to_string(),

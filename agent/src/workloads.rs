@@ -374,6 +374,12 @@ impl Workloads {
         forwards
     }
 
+    fn route_localnet(&self, on: bool) {
+        if let Err(e) = ports::route_localnet(on) {
+            tracing::warn!(error = %e, on, "setting route_localnet on the bridge failed");
+        }
+    }
+
     /// Makes the kernel forward exactly `forwards` (only when they changed since the last
     /// time it worked). A failure is each forwarding container's error.
     async fn publish_ports(&self, forwards: Vec<ports::Forward>) {
@@ -567,10 +573,25 @@ impl Workloads {
             .map(|(k, v)| (k.clone(), v.0))
             .collect();
         let actions = reconcile::reconcile(&want, &have, &backoff, now_ms());
+        // Ports first: once `uc run` sees a container running, its host ports forward.
+        // `route_localnet` is on only while the table (and its guard) is in place: off before
+        // the table goes, on after it came and the first container made the bridge.
+        if forwards.is_empty() {
+            self.route_localnet(false);
+        }
+        self.publish_ports(forwards).await;
         for action in actions {
             self.apply(action, &workloads, &kinds).await;
         }
-        self.publish_ports(forwards).await;
+        let in_place = self
+            .forwards
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|f| !f.is_empty());
+        if in_place {
+            self.route_localnet(true);
+        }
         // Forget what is gone.
         self.backoff
             .lock()

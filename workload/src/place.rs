@@ -46,8 +46,12 @@ pub enum PlaceError {
     SubnetFull { name: String, subnet: Subnet },
     #[error("no machine can take another container publishing host port {ports}: {why}")]
     HostPorts { ports: String, why: String },
-    #[error("machine {name:?} cannot publish host port {why}")]
-    HostPortTaken { name: String, why: String },
+    #[error("machine {name:?} cannot publish host port {ports}: {why}")]
+    HostPortTaken {
+        name: String,
+        ports: String,
+        why: String,
+    },
 }
 
 /// The host ports the containers on each machine hold, with their service's name.
@@ -60,11 +64,11 @@ pub fn port_clashes(wanted: &[HostPort], taken: &TakenPorts) -> BTreeMap<Machine
     for (machine, held) in taken {
         let clash = wanted
             .iter()
-            .find_map(|w| held.iter().find(|(h, _)| w.clashes(h)).map(|x| (w, x)));
-        if let Some((w, (h, service))) = clash {
+            .find_map(|w| held.iter().find(|(h, _)| w.clashes(h)));
+        if let Some((h, service)) = clash {
             out.insert(
                 machine.clone(),
-                format!("{w}: service {service:?} publishes {h} there"),
+                format!("service {service:?} publishes {h} there"),
             );
         }
     }
@@ -339,7 +343,10 @@ mod tests {
             text.contains("m1 runs one of this service already"),
             "{text}"
         );
-        assert!(text.contains("m2: 8080/tcp: service \"other\""), "{text}");
+        assert!(
+            text.contains("m2: service \"other\" publishes 192.0.2.7:8080/tcp there"),
+            "{text}"
+        );
 
         // Without host ports the same service may stack on a machine.
         assert_eq!(

@@ -6,7 +6,8 @@
 //! - `prerouting`: traffic from outside (the machine's own networks, the mesh, its
 //!   workloads) to a local address of the machine on the port is sent to the container.
 //! - `output`: the same for connections the machine makes itself, `localhost` included.
-//!   Packets from 127.0.0.1 may leave through the bridge only with `route_localnet` on it;
+//!   Packets from 127.0.0.1 may leave through the bridge only with `route_localnet` on it
+//!   ([`route_localnet`], on while there are forwards);
 //!   `guard` drops anything arriving on the bridge to or from 127.0.0.0/8, so that setting
 //!   opens nothing else.
 //! - `postrouting`: such localhost connections, and a workload's connections to another
@@ -16,7 +17,6 @@
 //! [`ruleset`] is the pure part; [`apply`] hands its text to `nft`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::path::Path;
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
@@ -141,19 +141,9 @@ pub fn ruleset(forwards: &[Forward]) -> String {
     s
 }
 
-/// Makes the kernel forward exactly `forwards`: runs [`ruleset`] through `nft -f -`, and
-/// lets packets from localhost out through the bridge when there is something to forward.
-/// With nothing to forward and no `nft` on the machine there is nothing to undo: Ok.
+/// Makes the kernel forward exactly `forwards`: runs [`ruleset`] through `nft -f -`. With
+/// nothing to forward and no `nft` on the machine there is nothing to undo: Ok.
 pub async fn apply(forwards: &[Forward]) -> Result<(), PortsError> {
-    if !forwards.is_empty() {
-        let path = format!("/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet");
-        if Path::new(&path).exists() {
-            std::fs::write(&path, b"1").map_err(|source| PortsError::Sysctl {
-                path: path.clone(),
-                source,
-            })?;
-        }
-    }
     let child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -181,6 +171,20 @@ pub async fn apply(forwards: &[Forward]) -> Result<(), PortsError> {
         Err(PortsError::Nft(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ))
+    }
+}
+
+/// Lets packets from 127.0.0.0/8 leave through the bridge (`route_localnet`), which a
+/// forward of a connection to localhost needs, while there are forwards (and so the table's
+/// `guard`); off again when there are none. Nothing to do before the bridge exists: called
+/// again after every pass.
+pub fn route_localnet(on: bool) -> Result<(), PortsError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet");
+    let want = if on { "1" } else { "0" };
+    match std::fs::read_to_string(&path) {
+        Ok(now) if now.trim() == want => Ok(()),
+        Ok(_) => std::fs::write(&path, want).map_err(|source| PortsError::Sysctl { path, source }),
+        Err(_) => Ok(()),
     }
 }
 

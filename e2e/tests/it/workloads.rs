@@ -304,6 +304,12 @@ fn run_refused(c: &Cluster, args: &[&str], want: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// machine `i`'s `route_localnet` on the workloads' bridge.
+fn route_localnet(c: &Cluster, i: usize) -> anyhow::Result<String> {
+    let out = c.exec_in(i, &["cat", "/proc/sys/net/ipv4/conf/ucbr0/route_localnet"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// machine `i`'s nftables table of host ports, or "" when it has none.
 fn ports_table(c: &Cluster, i: usize) -> anyhow::Result<String> {
     let out = c.exec_in(i, &["nft", "list", "table", "ip", "uc"])?;
@@ -338,6 +344,10 @@ fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Re
             Ok(())
         })?;
 
+        ensure!(
+            route_localnet(c, 1)? == "1",
+            "route_localnet is off while forwarding"
+        );
         // Clashes are refused before anything is written, naming who holds the port.
         run_refused(
             c,
@@ -351,7 +361,7 @@ fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Re
                 "8080:81@host",
                 "demo",
             ],
-            "8080/tcp: service \"web\" publishes 8080/tcp there",
+            "host port 8080/tcp: m1: service \"web\" publishes 8080/tcp there",
         )?;
         run_refused(
             c,
@@ -366,6 +376,20 @@ fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Re
                 "demo",
             ],
             "no machine can take another container publishing host port 9090/tcp",
+        )?;
+        run_refused(
+            c,
+            &[
+                "run",
+                "-n",
+                "g",
+                "--mode",
+                "global",
+                "-p",
+                "8080:80@host",
+                "demo",
+            ],
+            "machine \"m1\" cannot publish host port 8080/tcp: service \"web\" publishes",
         )?;
         run_refused(
             c,
@@ -449,10 +473,15 @@ fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Re
         ensure!(!gone.status.success(), "8080 still answers after uc rm web");
         uc_ok(c, 0, &["rm", "held"])?;
         uc_ok(c, 0, &["rm", "dns"])?;
-        eventually(WAIT, "m1 has no port table", || {
-            ensure!(ports_table(c, 1)?.is_empty(), "{}", ports_table(c, 1)?);
-            Ok(())
-        })?;
+        eventually(
+            WAIT,
+            "m1 has no port table and route_localnet is off",
+            || {
+                ensure!(ports_table(c, 1)?.is_empty(), "{}", ports_table(c, 1)?);
+                ensure!(route_localnet(c, 1)? == "0", "route_localnet still on");
+                Ok(())
+            },
+        )?;
         Ok(())
     })
 }
