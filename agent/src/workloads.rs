@@ -45,9 +45,14 @@ pub struct Workloads {
     pass: tokio::sync::Mutex<()>,
     /// Why a container has not its host ports, from the last pass (shown by `uc ps`).
     port_errors: Mutex<BTreeMap<ContainerId, String>>,
+    /// When the port table was last seen in the kernel.
+    ports_checked: Mutex<std::time::Instant>,
     /// The host ports last published (`None`: not yet since the agent started).
     forwards: tokio::sync::Mutex<Option<Vec<ports::Forward>>>,
 }
+
+/// How often the port table, while unchanged, is checked to be still in the kernel.
+const PORTS_CHECK: Duration = Duration::from_secs(10);
 
 /// How often the runtimes are asked again whether they work here.
 const REPROBE: Duration = Duration::from_secs(10);
@@ -134,6 +139,7 @@ impl Workloads {
             kick: Notify::new(),
             pass: tokio::sync::Mutex::new(()),
             port_errors: Mutex::default(),
+            ports_checked: Mutex::new(std::time::Instant::now()),
             forwards: tokio::sync::Mutex::new(None),
         })
     }
@@ -239,13 +245,14 @@ impl Workloads {
     /// The workloads of this machine as the runtimes see them.
     pub async fn statuses(&self) -> Vec<WorkloadStatus> {
         let mut out = Vec::new();
+        // A port error is this pass's; a runtime error may be older.
         let mut errors = self
-            .port_errors
+            .errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         errors.extend(
-            self.errors
+            self.port_errors
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
@@ -360,7 +367,7 @@ impl Workloads {
             let mut errors = self.port_errors.lock().unwrap_or_else(|p| p.into_inner());
             for (id, why) in &blocked {
                 if errors.get(id) != Some(why) {
-                    tracing::warn!(container = %id.short(), why = %why, "not running a container: its host port is taken");
+                    tracing::warn!(container = %id.short(), why = %why, "not running a container: its host port");
                 }
             }
             *errors = blocked.clone();
@@ -374,9 +381,13 @@ impl Workloads {
         forwards
     }
 
-    fn route_localnet(&self, on: bool) {
-        if let Err(e) = ports::route_localnet(on) {
-            tracing::warn!(error = %e, on, "setting route_localnet on the bridge failed");
+    fn route_localnet(&self, on: bool) -> bool {
+        match ports::route_localnet(on) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, on, "setting route_localnet on the bridge failed");
+                false
+            }
         }
     }
 
@@ -385,7 +396,24 @@ impl Workloads {
     async fn publish_ports(&self, forwards: Vec<ports::Forward>) {
         let mut last = self.forwards.lock().await;
         if last.as_ref() == Some(&forwards) {
-            return;
+            // Unchanged; but someone may have flushed the ruleset. Look every few seconds.
+            let due = {
+                let mut checked = self.ports_checked.lock().unwrap_or_else(|p| p.into_inner());
+                let due = !forwards.is_empty() && checked.elapsed() >= PORTS_CHECK;
+                if due {
+                    *checked = std::time::Instant::now();
+                }
+                due
+            };
+            if !due || ports::table_present().await {
+                return;
+            }
+            tracing::warn!(
+                "uc's nftables table of host ports is gone (a flushed ruleset?); making it again"
+            );
+            // Its guard went with it.
+            self.route_localnet(false);
+            *last = None;
         }
         match ports::apply(&forwards).await {
             Ok(()) => {
@@ -394,6 +422,12 @@ impl Workloads {
                         tracing::info!(container = %f.container.short(), port = %f.port, to = %f.to, "host port published");
                     }
                 }
+                *last = Some(forwards);
+            }
+            Err(e) if forwards.is_empty() => {
+                // nft is there but does not work (no nf_tables?): nothing needs it now. Say so
+                // once, not every pass.
+                tracing::warn!(error = %e, "clearing uc's host port table failed");
                 *last = Some(forwards);
             }
             Err(e) => {
@@ -445,8 +479,8 @@ impl Workloads {
                 if !m.is_active() {
                     return Ok(());
                 }
-                // A host port another service holds here: no container here (`uc ps` shows
-                // the service short of this machine).
+                // A host port another service holds here: no container here (logged at debug
+                // level; `uc run --mode global` refuses such a clash on the machines it knows).
                 let ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
                 let taken = crate::services::taken_ports(doc, Some(&service));
                 if let Some(why) = uc_workload::place::port_clashes(&ports, &taken).get(me) {
@@ -576,10 +610,10 @@ impl Workloads {
         // Ports first: once `uc run` sees a container running, its host ports forward.
         // `route_localnet` is on only while the table (and its guard) is in place: off before
         // the table goes, on after it came and the first container made the bridge.
-        if forwards.is_empty() {
-            self.route_localnet(false);
+        // (If it cannot be turned off, the table and its guard stay.)
+        if !forwards.is_empty() || self.route_localnet(false) {
+            self.publish_ports(forwards).await;
         }
-        self.publish_ports(forwards).await;
         for action in actions {
             self.apply(action, &workloads, &kinds).await;
         }

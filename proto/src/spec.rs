@@ -117,7 +117,11 @@ pub fn check_ssh_key(key: &str) -> Result<(), String> {
         return Err("an SSH public key is one line".into());
     }
     if key.starts_with("-----BEGIN") {
-        return Err("this is a private key: give the public one (the .pub file)".into());
+        return Err(if key.contains("PRIVATE KEY") {
+            "this is a private key: give the public one (the .pub file)".into()
+        } else {
+            "this key is in RFC 4716 or PEM form: convert it with ssh-keygen -i -f FILE".into()
+        });
     }
     let mut parts = key.split_whitespace();
     let (Some(kind), Some(body)) = (parts.next(), parts.next()) else {
@@ -169,7 +173,8 @@ impl ServiceSpec {
             .filter_map(|p| match p.mode {
                 PortMode::Host { ip, host_port } => Some((
                     HostPort {
-                        ip,
+                        // 0.0.0.0 (or ::) is every address, as no address is.
+                        ip: ip.filter(|ip| !ip.is_unspecified()),
                         port: host_port,
                         udp: p.proto.is_udp(),
                     },
@@ -577,6 +582,7 @@ mod tests {
                 "8080:80@host".into(),
                 "127.0.0.1:5353:53/udp@host".into(),
                 "app.example.com:8000/https".into(),
+                "0.0.0.0:9000:90@host".into(),
             ],
             mode: Mode::Global,
             machines: vec![],
@@ -585,7 +591,8 @@ mod tests {
             ssh_keys: vec![],
         };
         let hp = spec.host_ports();
-        assert_eq!(hp.len(), 2, "the ingress port is not a host port: {hp:?}");
+        assert_eq!(hp.len(), 3, "the ingress port is not a host port: {hp:?}");
+        assert_eq!(hp[2].0.to_string(), "9000/tcp", "0.0.0.0 is every address");
         let (any, to) = hp[0];
         assert_eq!((any.to_string().as_str(), to), ("8080/tcp", 80));
         let (lo, to) = hp[1];
@@ -616,6 +623,8 @@ mod tests {
             ("", "not an SSH public key"),
             ("hello", "not an SSH public key"),
             ("-----BEGIN OPENSSH PRIVATE KEY-----", "private key"),
+            ("---- BEGIN SSH2 PUBLIC KEY ----", "is not one of"),
+            ("-----BEGIN RSA PUBLIC KEY-----", "ssh-keygen -i"),
             ("ssh-dss AAAAB3NzaC1kc3MAAACBAP1 x", "type \"ssh-dss\""),
             ("ssh-ed25519 not*base64*at*all!", "not base64"),
             ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\nssh-rsa AAAA", "one line"),

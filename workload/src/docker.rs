@@ -291,13 +291,14 @@ impl Docker {
     /// first.
     async fn accept_from_mesh(&self) {
         let mesh = self.mesh_if.as_str();
-        let rules: [&[&str]; 4] = [
+        let rules: [&[&str]; 5] = [
             &["-i", mesh, "-o", net::BRIDGE],
             &["-i", net::BRIDGE, "-o", mesh],
             &["-i", net::BRIDGE, "-o", net::BRIDGE],
             // Host ports (`ports.rs`): connections sent to a workload by destination NAT,
-            // from any interface, both ways.
-            &["-m", "conntrack", "--ctstate", "DNAT"],
+            // from any interface, and their answers; only those through uc's bridge.
+            &["-o", net::BRIDGE, "-m", "conntrack", "--ctstate", "DNAT"],
+            &["-i", net::BRIDGE, "-m", "conntrack", "--ctstate", "DNAT"],
         ];
         for m in rules {
             let mut rule = vec!["FORWARD"];

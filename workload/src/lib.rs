@@ -13,6 +13,7 @@ pub mod nspawn;
 pub mod place;
 pub mod ports;
 pub mod reconcile;
+pub mod rootfs;
 pub mod runtime;
 pub mod shim;
 pub mod vm;

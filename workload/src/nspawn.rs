@@ -14,6 +14,7 @@ use uc_proto::spec::RuntimeKind;
 
 use crate::exec::{Exec, ExecRequest};
 use crate::image::ImageStore;
+use crate::rootfs::Root;
 use crate::runtime::{Runtime, RuntimeError, Status, Workload, WorkloadDirs, io_err};
 use crate::{cgroup, net, shim};
 
@@ -74,67 +75,61 @@ impl Nspawn {
         .map_err(|e| io_err("mounting an overlay on", &merged)(e.into()))
     }
 
-    /// Writes the container's identity into its upper layer.
+    /// Writes the container's identity into its upper layer: every path resolved inside the
+    /// container's root ([`crate::rootfs`]), so an image's symlinks cannot send these writes to
+    /// the host's own files.
     fn write_identity(&self, w: &Workload) -> Result<(), RuntimeError> {
-        let etc = self.merged(&w.id).join("etc");
-        fs::create_dir_all(&etc).map_err(io_err("creating", &etc))?;
+        let merged = self.merged(&w.id);
+        let root = Root::open(&merged).map_err(io_err("opening", &merged))?;
+        let at = |rel: &str| merged.join(rel);
+        root.mkdir_all("etc", 0o755)
+            .map_err(io_err("creating", &at("etc")))?;
         let host = w.hostname();
         let files = [
-            ("hostname", format!("{host}\n")),
+            ("etc/hostname", format!("{host}\n")),
             (
-                "resolv.conf",
+                "etc/resolv.conf",
                 format!(
                     "nameserver {}\nsearch internal\noptions ndots:1\n",
                     w.gateway
                 ),
             ),
             (
-                "hosts",
+                "etc/hosts",
                 format!(
                     "127.0.0.1 localhost\n::1 localhost\n{} {host} {}\n",
                     w.address, w.service
                 ),
             ),
         ];
-        for (name, text) in files {
-            let p = etc.join(name);
-            // An image may ship these as symlinks (to /run/...): replace them.
-            let _ = fs::remove_file(&p);
-            fs::write(&p, text).map_err(io_err("writing", &p))?;
+        for (rel, text) in files {
+            // An image may ship these as symlinks (to /run/...): they are replaced.
+            root.write(rel, text.as_bytes(), 0o644)
+                .map_err(io_err("writing", &at(rel)))?;
         }
         if !w.spec.ssh_keys.is_empty() {
-            self.write_ssh_keys(w)?;
-        }
-        Ok(())
-    }
-
-    /// Root's `~/.ssh/authorized_keys`: the service's keys, after any the image has.
-    fn write_ssh_keys(&self, w: &Workload) -> Result<(), RuntimeError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let ssh = self.merged(&w.id).join("root/.ssh");
-        fs::create_dir_all(&ssh).map_err(io_err("creating", &ssh))?;
-        fs::set_permissions(&ssh, fs::Permissions::from_mode(0o700))
-            .map_err(io_err("setting the mode of", &ssh))?;
-        let p = ssh.join("authorized_keys");
-        let mut text = match fs::read_to_string(&p) {
-            Ok(t) if !t.is_empty() && !t.ends_with('\n') => t + "\n",
-            Ok(t) => t,
-            Err(_) => String::new(),
-        };
-        for k in &w.spec.ssh_keys {
-            if !text.lines().any(|l| l.trim() == k.trim()) {
-                text.push_str(k.trim());
+            // Root's `~/.ssh/authorized_keys`: the service's keys, after any the image has.
+            let rel = "root/.ssh/authorized_keys";
+            root.mkdir_all("root/.ssh", 0o700)
+                .and_then(|()| root.chmod("root/.ssh", 0o700))
+                .map_err(io_err("creating", &at("root/.ssh")))?;
+            let mut text = root
+                .read(rel)
+                .map_err(io_err("reading", &at(rel)))?
+                .unwrap_or_default();
+            if !text.is_empty() && !text.ends_with('\n') {
                 text.push('\n');
             }
+            for k in &w.spec.ssh_keys {
+                if !text.lines().any(|l| l.trim() == k.trim()) {
+                    text.push_str(k.trim());
+                    text.push('\n');
+                }
+            }
+            root.write(rel, text.as_bytes(), 0o600)
+                .map_err(io_err("writing", &at(rel)))?;
         }
-        let _ = fs::remove_file(&p);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(io_err("creating", &p))?;
-        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io_err("writing", &p))
+        Ok(())
     }
 
     fn command(

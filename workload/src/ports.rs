@@ -174,6 +174,18 @@ pub async fn apply(forwards: &[Forward]) -> Result<(), PortsError> {
     }
 }
 
+/// Whether table `ip uc` is in the kernel (someone may flush the whole ruleset: restarting
+/// `nftables.service` does).
+pub async fn table_present() -> bool {
+    tokio::process::Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
 /// Lets packets from 127.0.0.0/8 leave through the bridge (`route_localnet`), which a
 /// forward of a connection to localhost needs, while there are forwards (and so the table's
 /// `guard`); off again when there are none. Nothing to do before the bridge exists: called
@@ -204,7 +216,8 @@ pub fn unavailable(port: &HostPort) -> Option<String> {
     match r {
         Ok(()) => None,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
-            "host port {port} is in use by a program on this machine"
+            "host port {port} is in use by a program on this machine; the container starts \
+             once it is free"
         )),
         Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => Some(format!(
             "host port {port}: {ip} is not an address of this machine"

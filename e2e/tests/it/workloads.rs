@@ -348,6 +348,16 @@ fn host_ports_forward_to_their_container_and_clashes_are_refused() -> anyhow::Re
             route_localnet(c, 1)? == "1",
             "route_localnet is off while forwarding"
         );
+        // Someone deletes uc's table (restarting nftables.service flushes everything): the
+        // agent notices within seconds and makes it again.
+        let out = c.exec_in(1, &["nft", "delete", "table", "ip", "uc"])?;
+        ensure!(out.status.success(), "nft delete table: {out:?}");
+        eventually(WAIT, "m1's table comes back", || {
+            ensure!(ports_table(c, 1)?.contains("tcp dport 8080"), "no table");
+            let body = curl_from_machine(c, 0, &format!("http://{m1_mesh}:8080/"))?;
+            ensure!(body.contains("Hello from uc"), "{body:?}");
+            Ok(())
+        })?;
         // Clashes are refused before anything is written, naming who holds the port.
         run_refused(
             c,
