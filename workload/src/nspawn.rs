@@ -28,6 +28,7 @@ pub struct Nspawn {
     pub shim_exe: PathBuf,
     /// `systemd-nspawn`.
     pub nspawn: PathBuf,
+    probe: crate::runtime::ProbeCache,
 }
 
 impl Nspawn {
@@ -37,7 +38,26 @@ impl Nspawn {
             dirs,
             shim_exe,
             nspawn: PathBuf::from("systemd-nspawn"),
+            probe: Default::default(),
         }
+    }
+
+    /// Runs `systemd-nspawn --version` (see [`crate::runtime::ProbeCache`]).
+    async fn probe_now(&self) -> Result<(), String> {
+        let out = tokio::process::Command::new(&self.nspawn)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| {
+                format!(
+                    "{} not found ({e}); install systemd-container",
+                    self.nspawn.display()
+                )
+            })?;
+        if !out.status.success() {
+            return Err(format!("{} --version failed", self.nspawn.display()));
+        }
+        Ok(())
     }
 
     fn merged(&self, id: &ContainerId) -> PathBuf {
@@ -221,33 +241,19 @@ impl Runtime for Nspawn {
     }
 
     async fn available(&self) -> Result<(), String> {
-        let out = tokio::process::Command::new(&self.nspawn)
-            .arg("--version")
-            .output()
-            .await
-            .map_err(|e| {
-                format!(
-                    "{} not found ({e}); install systemd-container",
-                    self.nspawn.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!("{} --version failed", self.nspawn.display()));
-        }
-        if !Path::new("/sys/fs/cgroup")
-            .join("cgroup.controllers")
-            .exists()
+        if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
             && !Path::new("/sys/fs/cgroup/systemd/cgroup.procs").exists()
         {
             return Err("no cgroup hierarchy is mounted at /sys/fs/cgroup".into());
         }
-        Ok(())
+        self.probe
+            .get(&[self.nspawn.as_path()], || self.probe_now())
+            .await
     }
 
     async fn list(&self) -> Vec<Status> {
         self.dirs.statuses(RuntimeKind::Nspawn)
     }
-
     async fn create(&self, w: &Workload) -> Result<(), RuntimeError> {
         let image = self.images.require(&w.spec.image)?;
         self.command(w, &image)?;

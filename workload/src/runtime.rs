@@ -457,3 +457,99 @@ impl WorkloadDirs {
         }
     }
 }
+
+/// A runtime's last answer to "do you work here?", kept while the files it depends on stay the
+/// same. Asking means running programs (`systemd-nspawn --version`, `qemu-system-x86_64
+/// --version`, ...), which an idle agent would otherwise do every few seconds; a stat of each
+/// file tells whether anything was installed, upgraded or removed since.
+#[derive(Default)]
+pub struct ProbeCache {
+    last: std::sync::Mutex<Option<Probed>>,
+}
+
+/// The files' stamps when a probe ran, and its answer.
+type Probed = (Vec<FileStamp>, Result<(), String>);
+
+/// What identifies a file's version: inode, size, modification time; `None` if it is missing.
+pub type FileStamp = Option<(u64, u64, i64, i64)>;
+
+/// The stamp of `prog`: a path, or a bare name looked up in `PATH` like a shell would.
+pub fn stamp(prog: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |p: &Path| {
+        fs::metadata(p)
+            .ok()
+            .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+    };
+    if prog.components().count() > 1 {
+        return meta(prog);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find_map(|d| meta(&d.join(prog)))
+}
+
+impl ProbeCache {
+    /// The cached answer while `files` are as they were when it was given; else `probe`'s.
+    pub async fn get<F, Fut>(&self, files: &[&Path], probe: F) -> Result<(), String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let now: Vec<FileStamp> = files.iter().map(|f| stamp(f)).collect();
+        if let Some((then, answer)) = &*self.last.lock().unwrap_or_else(|p| p.into_inner())
+            && *then == now
+        {
+            return answer.clone();
+        }
+        let answer = probe().await;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, answer.clone()));
+        answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn a_probe_is_asked_again_only_when_its_files_change() {
+        let dir = std::env::temp_dir().join(format!("uc-probe-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let tool = dir.join("tool");
+        fs::write(&tool, "v1").unwrap();
+        let cache = ProbeCache::default();
+        let calls = AtomicUsize::new(0);
+        let ask = |answer: Result<(), String>| {
+            let calls = &calls;
+            move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                answer
+            }
+        };
+        assert_eq!(cache.get(&[&tool], ask(Ok(()))).await, Ok(()));
+        assert_eq!(
+            cache.get(&[&tool], ask(Err("x".into()))).await,
+            Ok(()),
+            "cached"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        fs::write(&tool, "version 2").unwrap();
+        assert_eq!(
+            cache.get(&[&tool], ask(Err("gone".into()))).await,
+            Err("gone".into())
+        );
+        fs::remove_file(&tool).unwrap();
+        assert_eq!(
+            cache.get(&[&tool], ask(Err("missing".into()))).await,
+            Err("missing".into())
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(
+            stamp(Path::new("sh")).is_some(),
+            "bare names are looked up in PATH"
+        );
+        assert!(stamp(Path::new("no-such-program-uc")).is_none());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

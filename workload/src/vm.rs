@@ -254,6 +254,7 @@ pub struct Vm {
     accel: Accel,
     /// What `Auto` came to, once probed.
     resolved: tokio::sync::OnceCell<Accel>,
+    probe: crate::runtime::ProbeCache,
 }
 
 impl Vm {
@@ -275,7 +276,46 @@ impl Vm {
             qemu: PathBuf::from("qemu-system-x86_64"),
             accel,
             resolved: tokio::sync::OnceCell::new(),
+            probe: Default::default(),
         }
+    }
+
+    /// Runs the tools a microVM needs (see [`crate::runtime::ProbeCache`]).
+    async fn probe_now(&self) -> Result<(), String> {
+        let out = tokio::process::Command::new(&self.qemu)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| {
+                format!(
+                    "{} not found ({e}); install qemu-system-x86 (scripts/vm-deps.sh does)",
+                    self.qemu.display()
+                )
+            })?;
+        if !out.status.success() {
+            return Err(format!("{} --version failed", self.qemu.display()));
+        }
+        if !self.kernel().is_file() || !self.initrd().is_file() {
+            return Err(format!(
+                "no microVM kit (kernel and initrd) in {}; scripts/vm-deps.sh makes it",
+                self.kit.display()
+            ));
+        }
+        for (prog, arg, pkg) in [
+            ("qemu-img", "--version", "qemu-utils"),
+            ("mkfs.ext4", "-V", "e2fsprogs"),
+            ("ip", "-V", "iproute2"),
+        ] {
+            let ok = tokio::process::Command::new(prog)
+                .arg(arg)
+                .output()
+                .await
+                .is_ok_and(|o| o.status.success());
+            if !ok {
+                return Err(format!("{prog} not found; install {pkg}"));
+            }
+        }
+        Ok(())
     }
 
     fn kernel(&self) -> PathBuf {
@@ -574,42 +614,19 @@ impl Runtime for Vm {
     }
 
     async fn available(&self) -> Result<(), String> {
-        let out = tokio::process::Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .await
-            .map_err(|e| {
-                format!(
-                    "{} not found ({e}); install qemu-system-x86 (scripts/vm-deps.sh does)",
-                    self.qemu.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!("{} --version failed", self.qemu.display()));
-        }
-        if !self.kernel().is_file() || !self.initrd().is_file() {
-            return Err(format!(
-                "no microVM kit (kernel and initrd) in {}; scripts/vm-deps.sh makes it",
-                self.kit.display()
-            ));
-        }
-        for (prog, arg, pkg) in [
-            ("qemu-img", "--version", "qemu-utils"),
-            ("mkfs.ext4", "-V", "e2fsprogs"),
-            ("ip", "-V", "iproute2"),
-        ] {
-            let ok = tokio::process::Command::new(prog)
-                .arg(arg)
-                .output()
-                .await
-                .is_ok_and(|o| o.status.success());
-            if !ok {
-                return Err(format!("{prog} not found; install {pkg}"));
-            }
-        }
         if !Path::new("/dev/net/tun").exists() {
             return Err("no /dev/net/tun: microVMs need tap devices".into());
         }
+        let (kernel, initrd) = (self.kernel(), self.initrd());
+        let files = [
+            self.qemu.as_path(),
+            Path::new("qemu-img"),
+            Path::new("mkfs.ext4"),
+            Path::new("ip"),
+            kernel.as_path(),
+            initrd.as_path(),
+        ];
+        self.probe.get(&files, || self.probe_now()).await?;
         self.accel().await;
         Ok(())
     }
