@@ -113,16 +113,20 @@ fn nspawn_replicas_serve_http_across_the_mesh_and_rm_leaves_nothing() -> anyhow:
         for v in &containers {
             ensure!(v["state"] == "running", "not running: {v}");
         }
-        // Every machine reaches every replica by its mesh address.
+        // Every machine reaches every replica by its mesh address. ("running" means its process
+        // started, as with `docker run`: the server in it listens a moment later.)
         for v in &containers {
             let addr = v["address"].as_str().context("address")?;
             let id = v["id"].as_str().context("id")?;
             for i in 0..3 {
-                let body = curl_from_machine(c, i, &format!("http://{addr}/cgi-bin/hello"))?;
-                ensure!(
-                    body.trim() == format!("hello from web-{}", &id[..8]),
-                    "{addr} from m{i}: {body:?}"
-                );
+                eventually(WAIT, "a replica answers", || {
+                    let body = curl_from_machine(c, i, &format!("http://{addr}/cgi-bin/hello"))?;
+                    ensure!(
+                        body.trim() == format!("hello from web-{}", &id[..8]),
+                        "{addr} from m{i}: {body:?}"
+                    );
+                    Ok(())
+                })?;
             }
         }
         // A workload on A fetches from the replica on B, from its own address (no NAT).
