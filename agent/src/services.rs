@@ -65,16 +65,28 @@ fn candidates(node: &Node) -> Vec<Candidate> {
         .collect()
 }
 
-/// The host ports held on each machine: those of every container there (stopped ones keep
-/// theirs until removed), except `except`'s.
-pub fn taken_ports(doc: &uc_crdt::ClusterState, except: Option<&ServiceId>) -> place::TakenPorts {
+/// The machines where `service`, publishing `ports`, cannot have a container, each with why:
+/// another service's container there (stopped ones too, until removed) holds a clashing host
+/// port.
+pub fn port_blocked(
+    doc: &uc_crdt::ClusterState,
+    ports: &[uc_proto::spec::HostPort],
+    service: &ServiceId,
+) -> BTreeMap<MachineId, String> {
+    if ports.is_empty() {
+        return BTreeMap::new();
+    }
+    place::port_clashes(ports, &taken_ports(doc, service))
+}
+
+/// The host ports held on each machine by the containers there, except `except`'s.
+fn taken_ports(doc: &uc_crdt::ClusterState, except: &ServiceId) -> place::TakenPorts {
     let services: BTreeMap<ServiceId, (String, Vec<uc_proto::spec::HostPort>)> = doc
         .services()
         .into_iter()
-        .filter(|s| Some(&s.id) != except)
+        .filter(|s| &s.id != except)
         .filter_map(|s| {
-            let spec = ServiceSpec::from_json(&s.spec).ok()?;
-            let ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
+            let ports = ServiceSpec::from_json(&s.spec).ok()?.held_ports();
             (!ports.is_empty()).then_some((s.id, (s.name, ports)))
         })
         .collect();
@@ -195,9 +207,9 @@ pub async fn run_service(node: &Node, r: RunServiceRequest) -> Result<RunService
         Mode::Replicated { replicas } => replicas as usize,
         Mode::Global => eligible.len(),
     };
-    let (existing, taken) = node.read(|doc| (doc.containers(), taken_ports(doc, None)));
-    let host_ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
-    let blocked = place::port_clashes(&host_ports, &taken);
+    let host_ports = spec.held_ports();
+    let (existing, blocked) =
+        node.read(|doc| (doc.containers(), port_blocked(doc, &host_ports, &service)));
     let placed = if spec.mode == Mode::Global {
         // One per eligible machine.
         let mut out = Vec::new();
@@ -368,9 +380,13 @@ pub async fn scale_service(
     let (added, removed): (Vec<Container>, Vec<Container>) = if want > containers.len() {
         let eligible = place::eligible(&all, &spec.machines, spec.runtime)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let (existing, taken) =
-            node.read(|doc| (doc.containers(), taken_ports(doc, Some(&service.id))));
-        let host_ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
+        let host_ports = spec.held_ports();
+        let (existing, blocked) = node.read(|doc| {
+            (
+                doc.containers(),
+                port_blocked(doc, &host_ports, &service.id),
+            )
+        });
         let placed = place::place(
             &eligible,
             &existing,
@@ -378,7 +394,7 @@ pub async fn scale_service(
             want - containers.len(),
             spec.memory,
             &host_ports,
-            &place::port_clashes(&host_ports, &taken),
+            &blocked,
         )
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
         (new_containers(&service.id, placed, now), Vec::new())

@@ -45,10 +45,15 @@ pub struct Workloads {
     pass: tokio::sync::Mutex<()>,
     /// Why a container has not its host ports, from the last pass (shown by `uc ps`).
     port_errors: Mutex<BTreeMap<ContainerId, String>>,
-    /// When the port table was last seen in the kernel.
-    ports_checked: Mutex<std::time::Instant>,
-    /// The host ports last published (`None`: not yet since the agent started).
-    forwards: tokio::sync::Mutex<Option<Vec<ports::Forward>>>,
+    /// What the kernel was last made to forward.
+    published: tokio::sync::Mutex<Published>,
+}
+
+/// The host ports last published, and when the table was last seen in the kernel.
+struct Published {
+    /// `None`: not yet since the agent started, or the table went missing.
+    forwards: Option<Vec<ports::Forward>>,
+    checked: std::time::Instant,
 }
 
 /// How often the port table, while unchanged, is checked to be still in the kernel.
@@ -139,8 +144,10 @@ impl Workloads {
             kick: Notify::new(),
             pass: tokio::sync::Mutex::new(()),
             port_errors: Mutex::default(),
-            ports_checked: Mutex::new(std::time::Instant::now()),
-            forwards: tokio::sync::Mutex::new(None),
+            published: tokio::sync::Mutex::new(Published {
+                forwards: None,
+                checked: std::time::Instant::now(),
+            }),
         })
     }
 
@@ -342,27 +349,19 @@ impl Workloads {
         claims: Vec<ports::Claim>,
         want: &mut Vec<Want>,
         have: &[Have],
-        workloads: &BTreeMap<ContainerId, Workload>,
     ) -> Vec<ports::Forward> {
-        let (mut forwards, refused) = ports::claim(claims);
         let exists = |id: &ContainerId| have.iter().any(|h| &h.id == id);
-        let mut blocked: BTreeMap<ContainerId, String> = refused.into_iter().collect();
-        for w in want.iter().filter(|w| w.running && !exists(&w.id)) {
-            if blocked.contains_key(&w.id) {
-                continue;
-            }
-            let Some(wl) = workloads.get(&w.id) else {
-                continue;
-            };
-            if let Some(why) = wl
-                .spec
-                .host_ports()
-                .iter()
-                .find_map(|(p, _)| ports::unavailable(p))
-            {
-                blocked.insert(w.id.clone(), why);
-            }
-        }
+        let mut blocked: BTreeMap<ContainerId, String> = claims
+            .iter()
+            .filter(|c| !exists(&c.container))
+            .filter_map(|c| {
+                let why = c.ports.iter().find_map(|(p, _)| ports::unavailable(p))?;
+                Some((c.container.clone(), why))
+            })
+            .collect();
+        let (mut forwards, refused) = ports::claim(claims);
+        // A lost clash says so rather than that a program holds the port.
+        blocked.extend(refused);
         {
             let mut errors = self.port_errors.lock().unwrap_or_else(|p| p.into_inner());
             for (id, why) in &blocked {
@@ -394,18 +393,18 @@ impl Workloads {
     /// Makes the kernel forward exactly `forwards` (only when they changed since the last
     /// time it worked). A failure is each forwarding container's error.
     async fn publish_ports(&self, forwards: Vec<ports::Forward>) {
-        let mut last = self.forwards.lock().await;
+        let mut published = self.published.lock().await;
+        let Published {
+            forwards: last,
+            checked,
+        } = &mut *published;
         if last.as_ref() == Some(&forwards) {
             // Unchanged; but someone may have flushed the ruleset. Look every few seconds.
-            let due = {
-                let mut checked = self.ports_checked.lock().unwrap_or_else(|p| p.into_inner());
-                let due = !forwards.is_empty() && checked.elapsed() >= PORTS_CHECK;
-                if due {
-                    *checked = std::time::Instant::now();
-                }
-                due
-            };
-            if !due || ports::table_present().await {
+            if forwards.is_empty() || checked.elapsed() < PORTS_CHECK {
+                return;
+            }
+            *checked = std::time::Instant::now();
+            if ports::table_present().await {
                 return;
             }
             tracing::warn!(
@@ -481,9 +480,8 @@ impl Workloads {
                 }
                 // A host port another service holds here: no container here (logged at debug
                 // level; `uc run --mode global` refuses such a clash on the machines it knows).
-                let ports: Vec<_> = spec.host_ports().into_iter().map(|(p, _)| p).collect();
-                let taken = crate::services::taken_ports(doc, Some(&service));
-                if let Some(why) = uc_workload::place::port_clashes(&ports, &taken).get(me) {
+                let blocked = crate::services::port_blocked(doc, &spec.held_ports(), &service);
+                if let Some(why) = blocked.get(me) {
                     tracing::debug!(service = %service, why = %why, "not placing a global service here");
                     return Ok(());
                 }
@@ -598,7 +596,7 @@ impl Workloads {
         }
         let keep: std::collections::BTreeSet<ContainerId> =
             want.iter().map(|w| w.id.clone()).collect();
-        let forwards = self.settle_ports(claims, &mut want, &have, &workloads);
+        let forwards = self.settle_ports(claims, &mut want, &have);
         let backoff: BTreeMap<ContainerId, Backoff> = self
             .backoff
             .lock()
@@ -618,9 +616,10 @@ impl Workloads {
             self.apply(action, &workloads, &kinds).await;
         }
         let in_place = self
-            .forwards
+            .published
             .lock()
             .await
+            .forwards
             .as_ref()
             .is_some_and(|f| !f.is_empty());
         if in_place {

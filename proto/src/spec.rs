@@ -184,6 +184,11 @@ impl ServiceSpec {
             })
             .collect()
     }
+
+    /// The host ports alone, without the container ports they go to.
+    pub fn held_ports(&self) -> Vec<HostPort> {
+        self.host_ports().into_iter().map(|(p, _)| p).collect()
+    }
 }
 
 /// A port a container takes on its machine: `[ip:]port/tcp|udp`, on every address of the

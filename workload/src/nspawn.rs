@@ -42,24 +42,6 @@ impl Nspawn {
         }
     }
 
-    /// Runs `systemd-nspawn --version` (see [`crate::runtime::ProbeCache`]).
-    async fn probe_now(&self) -> Result<(), String> {
-        let out = tokio::process::Command::new(&self.nspawn)
-            .arg("--version")
-            .output()
-            .await
-            .map_err(|e| {
-                format!(
-                    "{} not found ({e}); install systemd-container",
-                    self.nspawn.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!("{} --version failed", self.nspawn.display()));
-        }
-        Ok(())
-    }
-
     fn merged(&self, id: &ContainerId) -> PathBuf {
         self.dirs.dir(id).join("merged")
     }
@@ -246,14 +228,18 @@ impl Runtime for Nspawn {
         {
             return Err("no cgroup hierarchy is mounted at /sys/fs/cgroup".into());
         }
+        // Runs systemd-nspawn only when it changed (see `ProbeCache`).
         self.probe
-            .get(&[self.nspawn.as_path()], || self.probe_now())
+            .get(&[self.nspawn.as_path()], || {
+                crate::runtime::check_tool(&self.nspawn, "--version", "systemd-container")
+            })
             .await
     }
 
     async fn list(&self) -> Vec<Status> {
         self.dirs.statuses(RuntimeKind::Nspawn)
     }
+
     async fn create(&self, w: &Workload) -> Result<(), RuntimeError> {
         let image = self.images.require(&w.spec.image)?;
         self.command(w, &image)?;

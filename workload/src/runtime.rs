@@ -458,6 +458,23 @@ impl WorkloadDirs {
     }
 }
 
+/// Runs `prog arg` (`--version` and the like) to see that a tool a runtime needs is there and
+/// works; the error says what to install.
+pub async fn check_tool(prog: &Path, arg: &str, install: &str) -> Result<(), String> {
+    let out = tokio::process::Command::new(prog)
+        .arg(arg)
+        .output()
+        .await
+        .map_err(|e| format!("{} not found ({e}); install {install}", prog.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} {arg} failed; install {install}",
+            prog.display()
+        ));
+    }
+    Ok(())
+}
+
 /// A runtime's last answer to "do you work here?", kept while the files it depends on stay the
 /// same. Asking means running programs (`systemd-nspawn --version`, `qemu-system-x86_64
 /// --version`, ...), which an idle agent would otherwise do every few seconds; a stat of each

@@ -21,7 +21,7 @@ use uc_proto::spec::RuntimeKind;
 
 use crate::image::{ImageMeta, ImageStore};
 use crate::reconcile::Seen;
-use crate::runtime::{Runtime, RuntimeError, Status, Workload, WorkloadDirs, io_err};
+use crate::runtime::{Runtime, RuntimeError, Status, Workload, WorkloadDirs, check_tool, io_err};
 use crate::{cgroup, net, shim};
 
 /// Where `scripts/vm-deps.sh` installs the kit.
@@ -282,19 +282,12 @@ impl Vm {
 
     /// Runs the tools a microVM needs (see [`crate::runtime::ProbeCache`]).
     async fn probe_now(&self) -> Result<(), String> {
-        let out = tokio::process::Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .await
-            .map_err(|e| {
-                format!(
-                    "{} not found ({e}); install qemu-system-x86 (scripts/vm-deps.sh does)",
-                    self.qemu.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!("{} --version failed", self.qemu.display()));
-        }
+        check_tool(
+            &self.qemu,
+            "--version",
+            "qemu-system-x86 (scripts/vm-deps.sh does)",
+        )
+        .await?;
         if !self.kernel().is_file() || !self.initrd().is_file() {
             return Err(format!(
                 "no microVM kit (kernel and initrd) in {}; scripts/vm-deps.sh makes it",
@@ -306,14 +299,7 @@ impl Vm {
             ("mkfs.ext4", "-V", "e2fsprogs"),
             ("ip", "-V", "iproute2"),
         ] {
-            let ok = tokio::process::Command::new(prog)
-                .arg(arg)
-                .output()
-                .await
-                .is_ok_and(|o| o.status.success());
-            if !ok {
-                return Err(format!("{prog} not found; install {pkg}"));
-            }
+            check_tool(Path::new(prog), arg, pkg).await?;
         }
         Ok(())
     }
