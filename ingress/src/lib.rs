@@ -1,0 +1,28 @@
+//! uc's ingress: public HTTP, HTTPS and TCP on the machines tagged `ingress`, routed by host to a
+//! service's containers over the mesh.
+//!
+//! Pure cores: `routes` (the services' published ports and containers in, a route table out),
+//! `balance` (the order in which to try a route's backends). I/O shells: `tls` (certificates by
+//! SNI), `proxy` (the HTTP/HTTPS/TCP listeners on sockets the caller bound, with a shutdown
+//! token), `acme` (certificates from an ACME CA, HTTP-01 answered by every ingress).
+
+pub mod acme;
+pub mod balance;
+pub mod proxy;
+pub mod routes;
+pub mod tls;
+
+pub use proxy::{Ingress, Limits, serve};
+pub use routes::{Backend, ContainerInput, HttpRoute, Listener, RouteTable, ServiceInput};
+pub use tls::{Cert, CertStore};
+
+/// What can go wrong in the ingress.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("certificate: {0}")]
+    Cert(String),
+    #[error("ACME: {0}")]
+    Acme(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
