@@ -102,7 +102,7 @@ impl CertStore {
 }
 
 /// A client that names no host we have a certificate for gets no certificate at all (the
-/// handshake fails with `unrecognized_name`), never another service's.
+/// handshake fails with an `access_denied` alert), never another service's.
 #[derive(Debug)]
 struct BySni(Arc<CertStore>);
 
