@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # python3: the SSH tests hold ports on a host with it; dnsutils: dig asks the DNS server.
 # systemd-container: systemd-nspawn runs workloads; docker.io, iptables: a test machine runs its
 # own dockerd (inside its namespace) for the Docker runtime. The demo image is built from Debian's
-# busybox-static (scripts/demo-image.sh downloads it).
+# busybox-static (scripts/demo-image.sh downloads it). pebble: the ACME test server (and its DNS
+# server, pebble-challtestsrv) that issues the ingress's certificates in tests.
 source scripts/deps.sh nftables iputils-ping openssh-server openssh-client systemd python3 dnsutils \
-  systemd-container docker.io iptables
+  systemd-container docker.io iptables pebble
 # QEMU and the microVM boot kit (in /var/lib/uc/vm-kit, where ucd looks) for the vm runtime.
 bash scripts/vm-deps.sh
 export UC_DEMO_IMAGE="${UC_DEMO_IMAGE:-${XDG_CACHE_HOME:-$HOME/.cache}/uc/demo-image.tar}"
