@@ -6,6 +6,7 @@
 //! no random numbers. Time (`now_ms`), ids and actor bytes come from the caller.
 
 mod error;
+mod ingress;
 mod model;
 mod resolve;
 mod state;
@@ -14,6 +15,7 @@ mod state;
 pub mod sim;
 
 pub use error::{Error, JoinTokenProblem};
+pub use ingress::{AcmeAccount, CertRecord, Challenge, OrderStatus};
 pub use model::{Container, DesiredState, Fix, Machine, MachineState, NewMachine, Service};
 pub use state::{ClusterState, PeerSync, check_name};
 

@@ -96,7 +96,7 @@ impl std::fmt::Debug for ClusterState {
     }
 }
 
-fn malformed(e: automerge::AutomergeError) -> Error {
+pub(crate) fn malformed(e: automerge::AutomergeError) -> Error {
     Error::Malformed(e.to_string())
 }
 
@@ -106,7 +106,7 @@ fn get_value<'a>(doc: &'a AutoCommit, obj: &ObjId, key: &str) -> Option<Value<'a
     doc.get(obj, key).ok().flatten().map(|(v, _)| v)
 }
 
-fn get_str(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
+pub(crate) fn get_str(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
     get_value(doc, obj, key)?.as_str().map(str::to_owned)
 }
 
@@ -454,7 +454,10 @@ impl ClusterState {
 
     /// Runs `f` as one automerge change: committed if it returns `Ok`, rolled
     /// back (leaving the document unchanged) if it returns `Err`.
-    fn change<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
+    pub(crate) fn change<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let out = f(self);
         if out.is_ok() {
             self.doc.commit();
@@ -970,6 +973,16 @@ impl ClusterState {
             "services": by_id(self.services().into_iter().map(|s| (s.id.to_string(), s))),
             "containers": by_id(self.containers().into_iter().map(|c| (c.id.to_string(), c))),
             "join_tokens": by_id(self.join_tokens()),
+            // Certificates without their private keys.
+            "certificates": by_id(self.certificates().into_iter().map(|(h, c)| {
+                (h, serde_json::json!({
+                    "not_before": c.not_before,
+                    "not_after": c.not_after,
+                    "issued_by": c.issued_by,
+                    "issued_at_ms": c.issued_at_ms,
+                }))
+            })),
+            "acme_orders": by_id(self.acme_orders()),
         })
     }
 

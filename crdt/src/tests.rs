@@ -115,6 +115,7 @@ fn new_cluster_accessors() {
         serde_json::json!({
             "cluster": {"id": "c1", "network": "10.210.0.0/16", "created_at_ms": 1000},
             "machines": {}, "services": {}, "containers": {}, "join_tokens": {},
+            "certificates": {}, "acme_orders": {},
         })
     );
     let err = ClusterState::new_cluster("c1", sn("10.210.0.0/23"), [1; 16], 0).unwrap_err();
