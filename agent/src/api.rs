@@ -358,6 +358,21 @@ impl Api for ApiService {
         Ok(Response::new(RemoveServiceResponse { id: id.to_string() }))
     }
 
+    async fn ingress_list(
+        &self,
+        _: Request<IngressListRequest>,
+    ) -> Result<Response<IngressListResponse>, Status> {
+        self.ready().await?;
+        let ingress = self
+            .node
+            .ingress
+            .get()
+            .ok_or_else(|| Status::unavailable("the ingress is not started yet"))?;
+        let json = serde_json::to_string_pretty(&ingress.listing())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(IngressListResponse { json }))
+    }
+
     async fn tag_machine(
         &self,
         request: Request<TagMachineRequest>,

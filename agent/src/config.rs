@@ -75,6 +75,20 @@ pub struct Args {
     /// under it, else TCG).
     #[arg(long)]
     pub vm_accel: Option<uc_workload::vm::Accel>,
+    /// Port of the ingress's HTTP listener, on machines tagged `ingress` (default 80): ACME
+    /// challenges, plain HTTP routes, and redirects to HTTPS.
+    #[arg(long)]
+    pub ingress_http_port: Option<u16>,
+    /// Port of the ingress's HTTPS listener, on machines tagged `ingress` (default 443).
+    #[arg(long)]
+    pub ingress_https_port: Option<u16>,
+    /// The ACME directory that issues the ingress's certificates (default: Let's Encrypt).
+    #[arg(long)]
+    pub acme_directory: Option<String>,
+    /// A PEM root certificate to trust for the ACME directory's own HTTPS (a private or test
+    /// CA); default: the usual web roots.
+    #[arg(long)]
+    pub acme_ca: Option<PathBuf>,
     /// Gossip round interval in milliseconds.
     #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
@@ -167,6 +181,10 @@ struct FileConfig {
     gossip_interval_ms: Option<u64>,
     endpoints: Option<Vec<String>>,
     tags: Option<Vec<String>>,
+    ingress_http_port: Option<u16>,
+    ingress_https_port: Option<u16>,
+    acme_directory: Option<String>,
+    acme_ca: Option<PathBuf>,
 }
 
 /// How the agent comes to be in a cluster when its data directory is empty.
@@ -204,6 +222,9 @@ pub struct Config {
     pub gossip_interval: Duration,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
+    pub ingress_http_port: u16,
+    pub ingress_https_port: u16,
+    pub acme: uc_ingress::acme::AcmeConfig,
     pub bootstrap: Bootstrap,
     /// How long a restarted agent waits for a peer to sync with before it
     /// serves the state it has (and says so in its log).
@@ -356,6 +377,35 @@ impl Args {
                 gossip_interval.as_millis()
             ));
         }
+        let ingress_http_port = self
+            .ingress_http_port
+            .or(file.ingress_http_port)
+            .unwrap_or(80);
+        let ingress_https_port = self
+            .ingress_https_port
+            .or(file.ingress_https_port)
+            .unwrap_or(443);
+        if ingress_http_port == 0
+            || ingress_https_port == 0
+            || ingress_http_port == ingress_https_port
+        {
+            problems.push(format!(
+                "ingress ports {ingress_http_port} (http) and {ingress_https_port} (https) must be two different ports from 1 to 65535"
+            ));
+        }
+        let mut acme = uc_ingress::acme::AcmeConfig::default();
+        if let Some(d) = self.acme_directory.or(file.acme_directory) {
+            if !d.starts_with("https://") {
+                problems.push(format!("--acme-directory {d:?} is not an https:// URL"));
+            }
+            acme.directory = d;
+        }
+        acme.root_ca = self.acme_ca.or(file.acme_ca);
+        if let Some(ca) = &acme.root_ca
+            && !ca.is_file()
+        {
+            problems.push(format!("--acme-ca {}: no such file", ca.display()));
+        }
         if !problems.is_empty() {
             bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
         }
@@ -398,6 +448,9 @@ impl Args {
             gossip_interval,
             endpoints,
             tags,
+            ingress_http_port,
+            ingress_https_port,
+            acme,
             bootstrap,
             catch_up_timeout: Duration::from_secs(10),
         })

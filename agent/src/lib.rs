@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod dns;
 pub mod exec;
+pub mod ingress;
 pub mod membership;
 pub mod mesh;
 pub mod node;
@@ -286,6 +287,10 @@ async fn serve(
         };
     replicator::spawn(node.clone(), &tracker, shutdown.clone());
     workloads.spawn(&tracker, shutdown.clone());
+    // The ingress follows the state and serves only while this machine is tagged `ingress`.
+    let ingress = ingress::IngressAgent::new(node.clone(), &tracker, shutdown.clone())?;
+    ingress.spawn();
+    let _ = node.ingress.set(ingress);
     // DNS on the machine's mesh address.
     let v4 = node
         .read(|doc| doc.machine(id))

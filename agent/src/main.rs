@@ -52,6 +52,8 @@ fn main() {
         return;
     }
     uc_agent::init_tracing();
+    // ring is the one crypto provider (TLS of the ingress, and of the ACME client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = args.into_config().and_then(|config| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

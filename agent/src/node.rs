@@ -109,6 +109,8 @@ pub struct Node {
     pub dns: std::sync::OnceLock<std::net::SocketAddr>,
     /// This machine's runtimes, images and workloads, once started.
     pub workloads: std::sync::OnceLock<std::sync::Arc<crate::workloads::Workloads>>,
+    /// This machine's ingress (serving only while the machine is tagged `ingress`).
+    pub ingress: std::sync::OnceLock<std::sync::Arc<crate::ingress::IngressAgent>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -145,6 +147,7 @@ impl Node {
             removed: std::sync::atomic::AtomicBool::new(false),
             dns: std::sync::OnceLock::new(),
             workloads: std::sync::OnceLock::new(),
+            ingress: std::sync::OnceLock::new(),
         }
     }
 

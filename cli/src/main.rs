@@ -56,6 +56,10 @@ enum Command {
     /// The cluster's internal DNS.
     #[command(subcommand)]
     Dns(DnsCmd),
+    /// Public HTTP, HTTPS and TCP through the machines tagged `ingress`
+    /// (`uc machine tag M ingress`; publish with `uc run -p app.example.com:8000/https`).
+    #[command(subcommand)]
+    Ingress(IngressCmd),
     /// The replicated cluster state, for debugging.
     #[command(subcommand)]
     State(StateCmd),
@@ -339,6 +343,12 @@ enum DnsCmd {
 }
 
 #[derive(Subcommand)]
+enum IngressCmd {
+    /// Routes, certificates (status, expiry, errors) and the machines that serve them.
+    Ls,
+}
+
+#[derive(Subcommand)]
 enum StateCmd {
     /// Print the whole cluster document as JSON.
     Dump,
@@ -498,6 +508,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(client::status_error)?
                 .into_inner();
             output::wg(&r, json)
+        }
+        Command::Ingress(IngressCmd::Ls) => {
+            let r = api
+                .ingress_list(uc_proto::v1::IngressListRequest {})
+                .await
+                .map_err(client::status_error)?
+                .into_inner();
+            output::ingress(&r.json, json)
         }
         Command::Dns(DnsCmd::Lookup {
             name,

@@ -269,3 +269,110 @@ pub fn wg(w: &WgShowResponse, json: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `uc ingress ls`: the agent's listing (JSON) as tables, or as it is.
+pub fn ingress(listing: &str, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{listing}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(listing)?;
+    let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+    let machines: Vec<String> = list("machines")
+        .iter()
+        .map(|m| format!("{} ({})", s(&m["name"]), s(&m["liveness"])))
+        .collect();
+    if machines.is_empty() {
+        println!("no ingress machines: tag one with `uc machine tag MACHINE ingress`");
+    } else {
+        println!("ingress machines: {}", machines.join(", "));
+    }
+    println!();
+    table(
+        &["ROUTE", "SERVICE", "BACKENDS"],
+        list("routes")
+            .iter()
+            .map(|r| {
+                let backends: Vec<String> = r["backends"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(s)
+                    .collect();
+                vec![
+                    s(&r["route"]),
+                    s(&r["service"]),
+                    if backends.is_empty() {
+                        "none running".into()
+                    } else {
+                        backends.join(", ")
+                    },
+                ]
+            })
+            .collect(),
+    );
+    let certs = list("certificates");
+    if !certs.is_empty() {
+        println!();
+        table(
+            &[
+                "CERTIFICATE",
+                "STATUS",
+                "EXPIRES",
+                "ISSUED BY",
+                "LAST ERROR",
+            ],
+            certs
+                .iter()
+                .map(|c| {
+                    vec![
+                        s(&c["host"]),
+                        s(&c["status"]),
+                        c["not_after"]
+                            .as_i64()
+                            .map(expires)
+                            .unwrap_or_else(|| "-".into()),
+                        c["issued_by"].as_str().unwrap_or("-").to_owned(),
+                        c["last_error"].as_str().unwrap_or("").to_owned(),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    for r in list("refused") {
+        println!(
+            "not routed: {} of service {}: {}",
+            s(&r["port"]),
+            s(&r["service"]),
+            s(&r["why"])
+        );
+    }
+    if let Some(errs) = v["listen_errors"].as_object() {
+        for (port, e) in errs {
+            println!("listener for port {port}: {}", e.as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+/// When a certificate expires (seconds since the epoch), from now: `in 89d`, `3h ago`.
+fn expires(at_s: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let d = at_s - now;
+    let span = |s: i64| match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    };
+    if d >= 0 {
+        format!("in {}", span(d))
+    } else {
+        format!("{} ago", span(-d))
+    }
+}
