@@ -6,6 +6,7 @@
 mod agents;
 mod dns;
 mod harness;
+mod ingress;
 mod machine_ssh;
 mod mesh;
 mod sshlab;

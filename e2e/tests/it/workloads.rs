@@ -18,7 +18,7 @@ use crate::{uc_ok, with_cluster};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn import_demo(c: &Cluster, i: usize) -> anyhow::Result<()> {
+pub(crate) fn import_demo(c: &Cluster, i: usize) -> anyhow::Result<()> {
     let image = demo_image()?;
     uc_ok(c, i, &["image", "import", image.to_str().context("path")?])?;
     Ok(())
