@@ -558,8 +558,9 @@ impl IngressAgent {
                     }
                     (Some(_), _) => "valid".into(),
                     (None, Some((o, _))) if o.failures > 0 => format!(
-                        "failed {} times, next try in {} s",
+                        "failed {} time{}, next try in {} s",
                         o.failures,
+                        if o.failures == 1 { "" } else { "s" },
                         o.next_try_ms.saturating_sub(now_ms) / 1000
                     ),
                     (None, _) => "waiting for an order".into(),
