@@ -372,7 +372,7 @@ impl IngressAgent {
                 .collect()
         });
         let expired = self.node.read(|doc| {
-            doc.acme_challenges(u64::MAX)
+            doc.acme_challenges(0)
                 .len()
                 .saturating_sub(doc.acme_challenges(now).len())
         });
@@ -625,6 +625,105 @@ mod tests {
             .collect();
         assert!(chosen.len() > 1, "hosts spread over machines");
         assert_eq!(orderer("a.example.com", &[]), None);
+    }
+
+    #[test]
+    fn routes_take_running_containers_on_machines_not_known_dead() {
+        use std::collections::BTreeSet;
+        use uc_crdt::{Container, NewMachine};
+        use uc_proto::{ContainerId, ServiceId};
+        let mut doc =
+            ClusterState::new_cluster("c", "10.210.0.0/16".parse().unwrap(), [9; 16], 1).unwrap();
+        let ids: Vec<MachineId> = (1..=3u8).map(|i| MachineId::from_bytes([i; 16])).collect();
+        for (i, id) in ids.iter().enumerate() {
+            doc.add_machine(
+                NewMachine {
+                    id: id.clone(),
+                    name: format!("m{i}"),
+                    public_key: String::new(),
+                    endpoints: vec![],
+                    tags: BTreeSet::new(),
+                },
+                1,
+            )
+            .unwrap();
+        }
+        let spec = |ports: &[&str]| {
+            serde_json::json!({"image": "demo", "runtime": "nspawn", "mode": "replicated",
+                "replicas": 3, "ports": ports})
+        };
+        let web = ServiceId::from_bytes([1; 16]);
+        doc.put_service(web.clone(), "web", spec(&["w.example.com:80/https"]), 10)
+            .unwrap();
+        doc.put_service(
+            ServiceId::from_bytes([2; 16]),
+            "plain",
+            spec(&["8080:80@host"]),
+            5,
+        )
+        .unwrap();
+        for (n, (machine, address, desired)) in [
+            (&ids[0], [10, 210, 1, 2], DesiredState::Running),
+            (&ids[1], [10, 210, 2, 2], DesiredState::Running),
+            (&ids[2], [10, 210, 3, 2], DesiredState::Running),
+            (&ids[0], [10, 210, 1, 3], DesiredState::Stopped),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            doc.put_container(Container {
+                id: ContainerId::from_bytes([10 + n as u8; 16]),
+                service: web.clone(),
+                machine: machine.clone(),
+                address: Some(address.into()),
+                desired,
+                created_at_ms: 1,
+            })
+            .unwrap();
+        }
+        let peer = |liveness| PeerInfo {
+            liveness,
+            last_seen_unix_ms: 0,
+            peer_addr: None,
+            heads: None,
+            mesh_backend: None,
+            learned_endpoints: vec![],
+            runtimes: None,
+            images: vec![],
+            free_memory: None,
+        };
+        let peers = HashMap::from([
+            (ids[1].clone(), peer(Liveness::Suspect)),
+            (ids[2].clone(), peer(Liveness::Dead)),
+        ]);
+        let inputs = route_inputs(&doc, &ids[0], &peers);
+        assert_eq!(
+            inputs.len(),
+            1,
+            "a service without ingress ports has no routes"
+        );
+        assert_eq!(inputs[0].name, "web");
+        let got: Vec<(String, bool)> = inputs[0]
+            .containers
+            .iter()
+            .map(|c| (c.ip.to_string(), c.local))
+            .collect();
+        // m0's running one (local), m1's (suspect is not dead); not m2's (dead), not the stopped one.
+        assert_eq!(
+            got,
+            [
+                ("10.210.1.2".to_owned(), true),
+                ("10.210.2.2".to_owned(), false)
+            ]
+        );
+        assert_eq!(live_ingress_machines(&doc, &ids[0], &peers), vec![]);
+        doc.set_machine_tag(&ids[0], TAG, true).unwrap();
+        doc.set_machine_tag(&ids[2], TAG, true).unwrap();
+        assert_eq!(
+            live_ingress_machines(&doc, &ids[0], &peers),
+            vec![ids[0].clone()],
+            "a dead ingress machine orders nothing"
+        );
     }
 
     #[test]
