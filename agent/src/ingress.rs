@@ -350,12 +350,13 @@ impl IngressAgent {
         let me = self.node.machine_id.clone();
         let peers = self.node.peers();
         let now = now_ms();
+        // The table the listeners serve, as `refresh` built it from this state.
+        let table = self.ingress.routes();
         let due: Vec<(String, OrderStatus)> = self.node.read(|doc| {
             if !self.is_ingress(doc) {
                 return Vec::new();
             }
             let live = live_ingress_machines(doc, &me, &peers);
-            let table = RouteTable::build(&route_inputs(doc, &me, &peers));
             let certs = doc.certificates();
             let orders = doc.acme_orders();
             table

@@ -8,13 +8,13 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use uc_bench::percentile;
+use uc_bench::{percentile, rss_mb, spawn_pinned};
 
 const SERVER_PORT: u16 = 15354;
 const UPSTREAM_PORT: u16 = 15353;
@@ -84,27 +84,6 @@ fn serve_uc(names: usize) -> anyhow::Result<()> {
         uc_dns::serve(handler, vec![udp], vec![tcp], stop).await?;
         anyhow::Ok(())
     })
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_pinned(core: &str, argv: &[&str]) -> anyhow::Result<Killed> {
-    Ok(Killed(
-        Command::new("taskset")
-            .args(["-c", core])
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {argv:?}"))?,
-    ))
 }
 
 /// Waits until something on `port` answers `name`.
@@ -201,17 +180,6 @@ fn dnsperf(queries: &Path, secs: u64, outstanding: usize) -> anyhow::Result<Figu
     })
 }
 
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.serve_uc {
@@ -264,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             "--local-ttl=300",
             &format!("--addn-hosts={}", d("fwd-hosts")),
         ],
+        &[],
     )?;
     wait_answers(UPSTREAM_PORT, "fwd1.example.test")?;
 
@@ -307,7 +276,7 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (label, argv) in &servers {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let server = spawn_pinned("0", &argv)?;
+        let server = spawn_pinned("0", &argv, &[])?;
         wait_answers(SERVER_PORT, "svc1.internal")?;
         let internal = dnsperf(&dir.join("internal.q"), args.secs, args.outstanding)?;
         let forward = dnsperf(&dir.join("forward.q"), args.secs, args.outstanding)?;

@@ -9,11 +9,12 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use uc_bench::{rss_mb, spawn_pinned};
 
 const BACKEND_PORT: u16 = 18080;
 const PROXY_PORT: u16 = 18443;
@@ -33,30 +34,6 @@ struct Args {
     /// Markdown file to update (between `<!-- ingress:begin -->` and `<!-- ingress:end -->`).
     #[arg(long)]
     out: Option<PathBuf>,
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_pinned(core: &str, argv: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Killed> {
-    let mut c = Command::new("taskset");
-    c.args(["-c", core])
-        .args(argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    Ok(Killed(
-        c.spawn().with_context(|| format!("starting {argv:?}"))?,
-    ))
 }
 
 fn serve_uc(dir: &Path) -> anyhow::Result<()> {
@@ -170,17 +147,6 @@ fn wrk(secs: u64, conns: usize, close: bool) -> anyhow::Result<Run> {
         p99_ms,
         errors,
     })
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -79,6 +79,43 @@ pub fn date_utc() -> String {
         .unwrap_or_default()
 }
 
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `argv` pinned to CPU `core` (taskset, which execs it: the child's pid is the
+/// program's), with `env` added and its output discarded.
+pub fn spawn_pinned(core: &str, argv: &[&str], env: &[(&str, &str)]) -> std::io::Result<Killed> {
+    let mut c = std::process::Command::new("taskset");
+    c.args(["-c", core])
+        .args(argv)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c.spawn()
+        .map(Killed)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("starting {argv:?}: {e}")))
+}
+
+/// Resident memory of process `pid` in MB (0 when it cannot be read).
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

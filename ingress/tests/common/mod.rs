@@ -207,6 +207,17 @@ pub struct Answer {
     pub body: String,
 }
 
+async fn answer(resp: Response<Incoming>) -> Answer {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
 /// One HTTP/1.1 request on a sender of an open connection.
 pub async fn send1(
     sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -220,15 +231,7 @@ pub async fn send1(
         .method(if body.is_empty() { "GET" } else { "POST" })
         .body(Full::new(Bytes::from(body.to_owned())))
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    answer(sender.send_request(req).await.unwrap()).await
 }
 
 pub async fn open1(io: Box<dyn Io>) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
@@ -268,13 +271,5 @@ pub async fn get2(
         .uri(format!("https://{host}{path}"))
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    answer(sender.send_request(req).await.unwrap()).await
 }
