@@ -1,5 +1,6 @@
 //! Shared pieces of uc's benchmarks.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 /// Replaces the section between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
@@ -79,11 +80,17 @@ pub fn date_utc() -> String {
         .unwrap_or_default()
 }
 
-/// A child process killed (and reaped) when dropped.
+/// A child process killed (and reaped) when dropped. Started by [`spawn_pinned`], it leads a
+/// process group of its own, and the whole group is killed: nginx's workers outlive a killed
+/// master and would keep its port.
 pub struct Killed(pub std::process::Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -95,6 +102,7 @@ pub fn spawn_pinned(core: &str, argv: &[&str], env: &[(&str, &str)]) -> std::io:
     let mut c = std::process::Command::new("taskset");
     c.args(["-c", core])
         .args(argv)
+        .process_group(0)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -102,6 +110,27 @@ pub fn spawn_pinned(core: &str, argv: &[&str], env: &[(&str, &str)]) -> std::io:
     c.spawn()
         .map(Killed)
         .map_err(|e| std::io::Error::new(e.kind(), format!("starting {argv:?}: {e}")))
+}
+
+/// Resident memory of the processes in process group `pgid` (a [`spawn_pinned`] child and the
+/// workers it forks), in MB.
+pub fn rss_group_mb(pgid: u32) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // Field 5 of /proc/PID/stat, after the parenthesised command name.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+                })
+                == Some(pgid)
+        })
+        .map(rss_mb)
+        .sum()
 }
 
 /// Resident memory of process `pid` in MB (0 when it cannot be read).

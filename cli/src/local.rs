@@ -15,6 +15,115 @@ fn base_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/uc/local"))
 }
 
+fn ingress_dir() -> PathBuf {
+    base_dir().join("ingress")
+}
+
+/// The host ports the ingress is reached on (its 80 and 443, forwarded from 127.0.0.1).
+struct IngressPorts {
+    http: u16,
+    https: u16,
+    root: PathBuf,
+}
+
+/// Makes m0 the ingress machine: opens 80 and 443 on its underlay, starts the ACME CA pointing
+/// every name at it, tags it, and forwards 127.0.0.1's 80 and 443 (or 8080 and 8443 when those
+/// are taken) into it, through a `uc local forward` process that lives as long as the cluster.
+fn start_ingress(
+    cluster: &mut uc_e2e::Cluster,
+    acme: &uc_e2e::acme::Pebble,
+) -> anyhow::Result<IngressPorts> {
+    cluster.open_tcp_ports(0, &[80, 443])?;
+    cluster.hub_ip()?;
+    let hub = cluster.hub().to_owned();
+    let m0 = cluster.machine(0).ip;
+    acme.start(cluster, &hub, m0)?;
+    let root = acme.fetch_root(&hub)?;
+    let out = cluster.uc(0, &["machine", "tag", "m0", "ingress"])?;
+    if !out.status.success() {
+        bail!(
+            "tagging m0 ingress: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let (http, https) = if free(80) && free(443) {
+        (80, 443)
+    } else if free(8080) && free(8443) {
+        (8080, 8443)
+    } else {
+        bail!("neither 127.0.0.1:80/443 nor 127.0.0.1:8080/8443 are free for the local ingress");
+    };
+    let me = std::env::current_exe().context("finding uc")?;
+    let me = me.to_str().context("uc's path")?;
+    let ns = cluster.machine(0).netns.clone();
+    let (a, b) = (format!("{http}:80"), format!("{https}:443"));
+    let log = ingress_dir().join("forward.log");
+    cluster.spawn_helper(
+        None,
+        &[me, "local", "forward", "--netns", &ns, &a, &b],
+        &[],
+        &log,
+    )?;
+    // Ready when the forwarder listens.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", https)).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the forwarder does not listen on 127.0.0.1:{https}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(IngressPorts { http, https, root })
+}
+
+/// `uc local forward`: forwards each `HOST_PORT:PORT` from 127.0.0.1 here to 127.0.0.1 in
+/// network namespace `netns` (the local ingress machine), until killed.
+pub fn forward(netns: &str, pairs: &[String]) -> anyhow::Result<()> {
+    let mut threads = Vec::new();
+    for pair in pairs {
+        let (outer, inner) = pair
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+            .with_context(|| format!("{pair:?} is not HOST_PORT:PORT"))?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", outer))
+            .with_context(|| format!("listening on 127.0.0.1:{outer}"))?;
+        let netns = netns.to_owned();
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let netns = netns.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = splice(conn, &netns, inner) {
+                        eprintln!("forwarding to {netns} port {inner}: {e:#}");
+                    }
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// Copies both ways between `conn` and a connection to 127.0.0.1:`port` opened inside `netns`.
+fn splice(conn: std::net::TcpStream, netns: &str, port: u16) -> anyhow::Result<()> {
+    let upstream =
+        uc_e2e::netns::run_in(netns, || std::net::TcpStream::connect(("127.0.0.1", port)))??;
+    let (mut a_read, mut a_write) = (conn.try_clone()?, conn);
+    let (mut b_read, mut b_write) = (upstream.try_clone()?, upstream);
+    let there = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut a_read, &mut b_write);
+        let _ = b_write.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut b_read, &mut a_write);
+    let _ = a_write.shutdown(std::net::Shutdown::Write);
+    let _ = there.join();
+    Ok(())
+}
+
 fn state_file() -> PathBuf {
     base_dir().join("cluster.json")
 }
@@ -34,12 +143,31 @@ pub fn up(machines: usize, json: bool) -> anyhow::Result<()> {
     }
     eprintln!("starting {machines} machines in network namespaces ...");
     let started = std::time::Instant::now();
-    let cluster = uc_e2e::Cluster::start(
-        uc_e2e::ClusterBuilder::new(machines)
-            .tag("local")
-            .base_dir(base_dir()),
-    )
-    .context("starting the local cluster")?;
+    // A local ACME CA (Debian's pebble, validating for real) in the hub namespace, at an address
+    // every machine reaches on the underlay; every agent is told to use it.
+    let acme = uc_e2e::acme::Pebble::new(&ingress_dir(), uc_e2e::HUB_IP)
+        .context("preparing the local ACME CA")?;
+    let mut builder = uc_e2e::ClusterBuilder::new(machines)
+        .tag("local")
+        .base_dir(base_dir());
+    for arg in acme.agent_args() {
+        builder = builder.extra_arg(arg);
+    }
+    let started_up = uc_e2e::Cluster::start(builder)
+        .context("starting the local cluster")
+        .and_then(|mut c| {
+            let ingress = start_ingress(&mut c, &acme).context("starting the local ingress")?;
+            Ok((c, ingress))
+        });
+    let (cluster, ingress) = match started_up {
+        Ok(v) => v,
+        Err(e) => {
+            // The cluster removed what it made when it was dropped; the CA's files go too.
+            let _ = std::fs::remove_dir_all(ingress_dir());
+            let _ = std::fs::remove_dir(base_dir());
+            return Err(e);
+        }
+    };
     // The demo image, so that a first `uc run demo` works; other machines fetch it over the mesh.
     let demo = std::env::var_os("UC_DEMO_IMAGE")
         .map(PathBuf::from)
@@ -88,7 +216,17 @@ pub fn up(machines: usize, json: bool) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::json!({"machines": names, "sockets": sockets, "state": state})
+            serde_json::json!({
+                "machines": names,
+                "sockets": sockets,
+                "state": state,
+                "ingress": {
+                    "machine": "m0",
+                    "http_port": ingress.http,
+                    "https_port": ingress.https,
+                    "acme_root": ingress.root,
+                },
+            })
         );
     } else {
         println!(
@@ -104,6 +242,25 @@ pub fn up(machines: usize, json: bool) -> anyhow::Result<()> {
         if imported {
             println!("image \"demo\" imported: try uc run -n web --replicas 2 demo");
         }
+        let port = |p: u16, default: u16| {
+            if p == default {
+                String::new()
+            } else {
+                format!(":{p}")
+            }
+        };
+        println!(
+            "ingress: m0, reached at 127.0.0.1:{} and :{}; certificates from a local ACME CA whose root is {}",
+            ingress.http,
+            ingress.https,
+            ingress.root.display()
+        );
+        println!(
+            "try: uc run -n hello -p hello.example.test:80/https demo\n     curl --cacert {} --resolve hello.example.test:{}:127.0.0.1 https://hello.example.test{}/cgi-bin/hello",
+            ingress.root.display(),
+            ingress.https,
+            port(ingress.https, 443)
+        );
         println!("try: uc machine ls");
     }
     Ok(())
@@ -116,6 +273,12 @@ pub fn down() -> anyhow::Result<()> {
     } else {
         uc_e2e::Cluster::teardown_detached(&file).context("stopping the local cluster")?;
         println!("local cluster removed");
+    }
+    let acme = ingress_dir();
+    if acme.exists() {
+        std::fs::remove_dir_all(&acme).with_context(|| format!("removing {}", acme.display()))?;
+        // The base directory too, when nothing else is left in it.
+        let _ = std::fs::remove_dir(base_dir());
     }
     let mut cfg = context::load()?;
     if cfg.contexts.remove(CONTEXT).is_some() {

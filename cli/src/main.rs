@@ -372,6 +372,15 @@ enum LocalCmd {
     },
     /// Stop the local cluster and remove everything it made.
     Down,
+    /// Internal: forwards HOST_PORT:PORT from 127.0.0.1 to 127.0.0.1 in a namespace (the local
+    /// ingress machine's 80 and 443); `uc local up` starts it.
+    #[command(hide = true)]
+    Forward {
+        #[arg(long)]
+        netns: String,
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
 }
 
 fn main() {
@@ -392,6 +401,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Local(LocalCmd::Up { machines }) => return local::up(machines, json),
         Command::Local(LocalCmd::Down) => return local::down(),
+        Command::Local(LocalCmd::Forward { netns, pairs }) => {
+            return local::forward(&netns, &pairs);
+        }
         _ => {}
     }
     let command = match cli.command {

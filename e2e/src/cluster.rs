@@ -213,8 +213,21 @@ pub struct Cluster {
     timeout: Duration,
     machines: Vec<MachineHandle>,
     hub_created: bool,
+    /// Whether the hub's bridge has its own address ([`Cluster::hub_ip`]).
+    hub_addressed: bool,
+    /// Processes that serve the cluster (a local ACME CA, `uc local`'s forwarder), killed with it.
+    helpers: Vec<Helper>,
     detached: bool,
 }
+
+struct Helper {
+    child: Child,
+    /// The file name of its executable, checked before a detached teardown kills its pid.
+    exe: String,
+}
+
+/// The hub's own address on the underlay bridge (machines are 172.31.0.10 and up).
+pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
 
 /// The address in field `field` of a `uc machine ls` entry.
 fn address_field<A: std::str::FromStr>(entry: &Value, field: &str) -> anyhow::Result<A>
@@ -236,6 +249,23 @@ struct DetachedState {
     dir: PathBuf,
     created_dir: bool,
     machines: Vec<DetachedMachine>,
+    #[serde(default)]
+    helpers: Vec<DetachedHelper>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DetachedHelper {
+    pid: u32,
+    exe: String,
+}
+
+/// Kills `pid` if it still runs the executable named `exe` (a pid may have been reused).
+fn kill_if(pid: u32, exe: &str) {
+    if std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|p| p.file_name().is_some_and(|n| n == exe))
+    {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -291,6 +321,8 @@ impl Cluster {
             timeout: b.timeout,
             machines: Vec::new(),
             hub_created: false,
+            hub_addressed: false,
+            helpers: Vec::new(),
             detached: false,
         };
         c.make_hub()?;
@@ -517,6 +549,82 @@ impl Cluster {
     /// Starts `argv` in machine `i`'s namespace with output appended to its log. The process gets
     /// its own process group, so it outlives a caller that detaches, and terminal signals meant for
     /// the test runner don't reach it.
+    /// Starts a helper process (in network namespace `netns`, or in this one when `None`), its
+    /// output to `log`; it is killed when the cluster is dropped or torn down. Returns its pid.
+    pub fn spawn_helper(
+        &mut self,
+        netns: Option<&str>,
+        argv: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> anyhow::Result<u32> {
+        let exe = argv.first().context("an empty command")?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").args(argv);
+                c
+            }
+            None => {
+                let mut c = Command::new(exe);
+                c.args(&argv[1..]);
+                c
+            }
+        };
+        let child = cmd
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {argv:?}"))?;
+        let pid = child.id();
+        let exe = Path::new(exe)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.helpers.push(Helper { child, exe });
+        Ok(pid)
+    }
+
+    /// Gives the hub's underlay bridge the address [`HUB_IP`] (once), so that helpers in the hub
+    /// namespace (a local ACME CA) are reachable from every machine; returns it.
+    pub fn hub_ip(&mut self) -> anyhow::Result<Ipv4Addr> {
+        if !self.hub_addressed {
+            ip(&[
+                "-n",
+                &self.hub,
+                "addr",
+                "add",
+                &format!("{HUB_IP}/16"),
+                "dev",
+                "br0",
+            ])?;
+            self.hub_addressed = true;
+        }
+        Ok(HUB_IP)
+    }
+
+    /// Lets TCP `ports` through machine `i`'s underlay firewall (as an ingress machine opens 80
+    /// and 443); nothing to do when the cluster has no firewall.
+    pub fn open_tcp_ports(&mut self, i: usize, ports: &[u16]) -> anyhow::Result<()> {
+        if !self.firewall {
+            return Ok(());
+        }
+        let list = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        crate::process::nft(
+            &self.machines[i].netns,
+            &format!("add rule inet uc_e2e input tcp dport {{ {list} }} accept\n"),
+        )
+    }
+
     fn spawn_process(&mut self, i: usize, argv: Vec<String>) -> anyhow::Result<()> {
         let m = &mut self.machines[i];
         if m.child.is_some() {
@@ -878,6 +986,14 @@ impl Cluster {
                     pid: m.pid(),
                 })
                 .collect(),
+            helpers: self
+                .helpers
+                .iter()
+                .map(|h| DetachedHelper {
+                    pid: h.child.id(),
+                    exe: h.exe.clone(),
+                })
+                .collect(),
         };
         let path = self.dir.join("cluster.json");
         let tmp = self.dir.join("cluster.json.tmp");
@@ -899,13 +1015,13 @@ impl Cluster {
         let state: DetachedState = serde_json::from_slice(&text)
             .with_context(|| format!("parsing {}", state_file.display()))?;
         let mut problems = Vec::new();
+        for h in &state.helpers {
+            kill_if(h.pid, &h.exe);
+        }
         for m in &state.machines {
             // Only a pid that is still a ucd: it may have been reused since.
-            if let Some(pid) = m.pid
-                && std::fs::read_link(format!("/proc/{pid}/exe"))
-                    .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "ucd"))
-            {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            if let Some(pid) = m.pid {
+                kill_if(pid, "ucd");
             }
             problems.extend(crate::workloads::cleanup(&m.data_dir));
             if let Err(e) = netns::delete(&m.netns) {
@@ -956,6 +1072,10 @@ impl Drop for Cluster {
             );
         }
         let keep = std::env::var_os("UC_E2E_KEEP").is_some();
+        for h in &mut self.helpers {
+            let _ = h.child.kill();
+            let _ = h.child.wait();
+        }
         for m in &mut self.machines {
             if let Some(mut c) = m.child.take() {
                 let _ = c.kill();

@@ -10,6 +10,7 @@
 //! Architecture invariant: nothing of a test topology is in the root network namespace, and no test
 //! packet goes anywhere but loopback or a namespace this crate made.
 
+pub mod acme;
 mod cluster;
 pub mod dockerd;
 pub mod netns;
@@ -20,7 +21,7 @@ pub mod workloads;
 use std::time::{Duration, Instant};
 
 pub use cluster::{
-    Bootstrap, Cluster, ClusterBuilder, GOSSIP_PORT, JOIN_PORT, MachineHandle, PEER_PORT,
+    Bootstrap, Cluster, ClusterBuilder, GOSSIP_PORT, HUB_IP, JOIN_PORT, MachineHandle, PEER_PORT,
     UNDERLAY_FIREWALL, Uc, WG_PORT,
 };
 pub use process::{Bins, run_ok, run_with_timeout};

@@ -7,59 +7,16 @@
 //! keeps serving.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
+use uc_e2e::acme::Pebble;
 use uc_e2e::{Cluster, ClusterBuilder, eventually};
 
 use crate::{uc_ok, with_cluster};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// A process in a namespace, killed when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bg(netns: &str, args: &[&str], log: &Path) -> anyhow::Result<Bg> {
-    let log = std::fs::File::create(log)?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(args)
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env_remove("PEBBLE_VA_ALWAYS_VALID")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {args:?} (Debian package pebble)"))?;
-    Ok(Bg(child))
-}
-
-/// A throwaway CA, and a certificate it signs for pebble's own HTTPS at `ip`.
-fn pebble_tls(dir: &Path, ip: &str) -> anyhow::Result<()> {
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "uc e2e CA");
-    let ca_key = rcgen::KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let leaf = rcgen::CertificateParams::new(vec![ip.to_owned()])?;
-    let key = rcgen::KeyPair::generate()?;
-    let cert = leaf.signed_by(&key, &issuer)?;
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    std::fs::write(dir.join("pebble-cert.pem"), cert.pem())?;
-    std::fs::write(dir.join("pebble-key.pem"), key.serialize_pem())?;
-    Ok(())
-}
 
 /// The client's view: `curl` in namespace `ns`, to `https://app.example.test` at `ip`.
 fn fetch(c: &Cluster, ns: usize, ip: &str, root: &Path, path: &str) -> anyhow::Result<String> {
@@ -109,69 +66,27 @@ fn cert_status(c: &Cluster, i: usize) -> anyhow::Result<Value> {
 fn https_through_ingress_machines_with_a_pebble_certificate() -> anyhow::Result<()> {
     let tls = tempfile::tempdir()?;
     // The outside namespace comes after the 3 machines: 172.31.0.13 (see add_namespace).
-    let outside_ip = "172.31.0.13";
-    pebble_tls(tls.path(), outside_ip)?;
-    let ca = tls.path().join("ca.pem");
-    let b = ClusterBuilder::new(3)
+    let outside_ip: std::net::Ipv4Addr = "172.31.0.13".parse()?;
+    let pebble = Pebble::new(tls.path(), outside_ip)?;
+    let mut b = ClusterBuilder::new(3)
         // Ingress machines take public traffic on their underlay.
-        .underlay_firewall(false)
-        .extra_arg(format!("--acme-directory=https://{outside_ip}:14000/dir"))
-        .extra_arg(format!("--acme-ca={}", ca.display()));
+        .underlay_firewall(false);
+    for arg in pebble.agent_args() {
+        b = b.extra_arg(arg);
+    }
     with_cluster(b, |c| {
         c.wait_membership()?;
         let out = c.add_namespace()?;
         ensure!(
-            c.machine(out).ip.to_string() == outside_ip,
+            c.machine(out).ip == outside_ip,
             "outside is not at {outside_ip}"
         );
         let outside = c.machine(out).netns.clone();
         let m0 = c.machine(0).ip.to_string();
         let m1 = c.machine(1).ip.to_string();
-        let dir = tls.path();
-        let config = serde_json::json!({"pebble": {
-            "listenAddress": "0.0.0.0:14000",
-            "managementListenAddress": "0.0.0.0:15000",
-            "certificate": dir.join("pebble-cert.pem"),
-            "privateKey": dir.join("pebble-key.pem"),
-            "httpPort": 80,
-            "tlsPort": 5001,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        std::fs::write(dir.join("pebble.json"), config.to_string())?;
-        // The DNS the CA uses: every name is the first ingress machine.
-        let _dns = bg(
-            &outside,
-            &[
-                "pebble-challtestsrv",
-                "-dns01",
-                "127.0.0.1:8053",
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                "127.0.0.1:8055",
-                "-defaultIPv4",
-                &m0,
-                "-defaultIPv6",
-                "",
-            ],
-            &dir.join("dns.log"),
-        )?;
-        let _pebble = bg(
-            &outside,
-            &[
-                "pebble",
-                "-config",
-                dir.join("pebble.json").to_str().context("path")?,
-                "-dnsserver",
-                "127.0.0.1:8053",
-            ],
-            &dir.join("pebble.log"),
-        )?;
+        // The DNS the CA uses answers the first ingress machine for every name.
+        let m0_ip = c.machine(0).ip;
+        pebble.start(c, &outside, m0_ip)?;
         crate::workloads::import_demo(c, 0)?;
         uc_ok(c, 0, &["machine", "tag", "m0", "ingress"])?;
         uc_ok(
@@ -190,7 +105,7 @@ fn https_through_ingress_machines_with_a_pebble_certificate() -> anyhow::Result<
                 "demo",
             ],
         )?;
-        let pebble_log = || std::fs::read_to_string(dir.join("pebble.log")).unwrap_or_default();
+        let pebble_log = || std::fs::read_to_string(pebble.log()).unwrap_or_default();
         eventually(WAIT, "the certificate is issued", || {
             let s = cert_status(c, 0)?;
             ensure!(s["status"] == "valid", "{s}\npebble:\n{}", pebble_log());
@@ -198,20 +113,7 @@ fn https_through_ingress_machines_with_a_pebble_certificate() -> anyhow::Result<
         })
         .map_err(|e| e.context(pebble_log()))?;
         // The client trusts pebble's root, from pebble's management API.
-        let root = dir.join("pebble-root.pem");
-        let got = c.exec_in(
-            out,
-            &[
-                "curl",
-                "-sS",
-                "--cacert",
-                ca.to_str().context("path")?,
-                "-o",
-                root.to_str().context("path")?,
-                &format!("https://{outside_ip}:15000/roots/0"),
-            ],
-        )?;
-        ensure!(got.status.success(), "pebble root: {got:?}");
+        let root = pebble.fetch_root(&outside)?;
 
         // Answers from both replicas (the demo's CGI names the container's host).
         let hosts = eventually(WAIT, "both replicas answer through m0", || {

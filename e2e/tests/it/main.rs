@@ -7,6 +7,7 @@ mod agents;
 mod dns;
 mod harness;
 mod ingress;
+mod local;
 mod machine_ssh;
 mod mesh;
 mod sshlab;
