@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # nftables: each local machine firewalls its underlay like a real one would.
 # systemd-container: systemd-nspawn runs workloads.
-source scripts/deps.sh nftables iputils-ping systemd-container
+# pebble: the local ACME CA (and its DNS, pebble-challtestsrv) that issues the local ingress's
+# certificates; curl: the README's examples.
+source scripts/deps.sh nftables iputils-ping systemd-container pebble curl
 # QEMU and the microVM boot kit, for `uc run --runtime vm`; without them the rest still works.
 bash scripts/vm-deps.sh || echo "warning: scripts/vm-deps.sh failed: microVMs will be unavailable" >&2
 # The demo image `uc local up` imports (busybox, serves HTTP on port 80).
