@@ -24,11 +24,18 @@ const PROXY_PORT: u16 = 18443;
 /// changes.
 const HOST: &str = "bench.example.test";
 
+/// The allocator ucd runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Seconds of each wrk run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     secs: u64,
+    /// Rounds; each runs every proxy in every mode, and medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Connections wrk keeps open.
     #[arg(long, default_value_t = 50)]
     connections: usize,
@@ -185,6 +192,19 @@ fn resumes() -> anyhow::Result<bool> {
     Ok(kinds[1..]
         .iter()
         .all(|k| *k == Some(rustls::HandshakeKind::Resumed)))
+}
+
+/// The median of runs: requests per second and p99 each on their own; errors summed.
+fn median_run(runs: &[Run]) -> Run {
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Run {
+        rps: med(runs.iter().map(|r| r.rps).collect()),
+        p99_ms: med(runs.iter().map(|r| r.p99_ms).collect()),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    }
 }
 
 fn wait_listening(port: u16) -> anyhow::Result<()> {
@@ -414,83 +434,114 @@ fn main() -> anyhow::Result<()> {
     };
     struct Row {
         label: &'static str,
-        keep: Run,
-        resumed: Run,
-        full: Run,
+        keep: Vec<Run>,
+        resumed: Vec<Run>,
+        full: Vec<Run>,
         rss: f64,
         checks: (bool, bool),
     }
-    let mut rows = Vec::new();
-    for (label, proxy) in [
+    let proxies = [
         ("uc (uc-ingress)", "uc"),
         ("nginx", "nginx"),
         ("HAProxy", "HAProxy"),
         ("Caddy", "Caddy"),
-    ] {
-        let p = start(proxy, true)?;
-        let resumes_on = resumes().with_context(|| format!("{label}: checking resumption"))?;
-        // A short warm-up, then keep-alive and a new connection per request (wrk keeps the
-        // session it was given across its reconnects, so these resume).
-        let _ = wrk(&hosts, 1, args.connections, false);
-        let keep = wrk(&hosts, args.secs, args.connections, false)?;
-        let resumed = wrk(&hosts, args.secs, args.connections, true)?;
-        let rss = rss_group_mb(p.0.id());
-        drop(p);
-        std::thread::sleep(Duration::from_millis(500));
-        let p = start(proxy, false)?;
-        let resumes_off = resumes().with_context(|| format!("{label}: checking resumption"))?;
-        let _ = wrk(&hosts, 1, args.connections, true);
-        let full = wrk(&hosts, args.secs, args.connections, true)?;
-        drop(p);
-        std::thread::sleep(Duration::from_millis(500));
-        eprintln!(
-            "{label}: keep-alive {:.0} req/s p99 {:.2} ms; new connections resumed {:.0} req/s p99 {:.2} ms; full handshakes {:.0} req/s p99 {:.2} ms; {rss:.0} MB; resumes {resumes_on}/{resumes_off}",
-            keep.rps, keep.p99_ms, resumed.rps, resumed.p99_ms, full.rps, full.p99_ms
-        );
-        rows.push(Row {
+    ];
+    let mut rows: Vec<Row> = proxies
+        .iter()
+        .map(|(label, _)| Row {
             label,
-            keep,
-            resumed,
-            full,
-            rss,
-            checks: (resumes_on, resumes_off),
-        });
+            keep: Vec::new(),
+            resumed: Vec::new(),
+            full: Vec::new(),
+            rss: 0.0,
+            checks: (false, false),
+        })
+        .collect();
+    // Rounds, each running every proxy in turn, so that the machine's noise falls on all of
+    // them alike; medians are reported.
+    for round in 0..args.rounds {
+        for ((label, proxy), row) in proxies.iter().zip(&mut rows) {
+            let p = start(proxy, true)?;
+            let resumes_on = resumes().with_context(|| format!("{label}: checking resumption"))?;
+            // A short warm-up, then keep-alive and a new connection per request (wrk keeps the
+            // session it was given across its reconnects, so these resume).
+            let _ = wrk(&hosts, 1, args.connections, false);
+            let keep = wrk(&hosts, args.secs, args.connections, false)?;
+            let resumed = wrk(&hosts, args.secs, args.connections, true)?;
+            let rss = rss_group_mb(p.0.id());
+            drop(p);
+            std::thread::sleep(Duration::from_millis(500));
+            let p = start(proxy, false)?;
+            let resumes_off = resumes().with_context(|| format!("{label}: checking resumption"))?;
+            let _ = wrk(&hosts, 1, args.connections, true);
+            let full = wrk(&hosts, args.secs, args.connections, true)?;
+            drop(p);
+            std::thread::sleep(Duration::from_millis(500));
+            eprintln!(
+                "round {round}: {label}: keep-alive {:.0} req/s p99 {:.2} ms; new connections resumed {:.0} req/s p99 {:.2} ms; full handshakes {:.0} req/s p99 {:.2} ms; {rss:.0} MB; resumes {resumes_on}/{resumes_off}",
+                keep.rps, keep.p99_ms, resumed.rps, resumed.p99_ms, full.rps, full.p99_ms
+            );
+            row.keep.push(keep);
+            row.resumed.push(resumed);
+            row.full.push(full);
+            row.rss = row.rss.max(rss);
+            if round == 0 {
+                row.checks = (resumes_on, resumes_off);
+            } else {
+                row.checks.0 &= resumes_on;
+                row.checks.1 |= resumes_off;
+            }
+        }
     }
+    // Label; medians of keep-alive, resumed and full handshakes; RSS; resumption checks.
+    type Summary<'a> = (&'a str, Run, Run, Run, f64, (bool, bool));
+    let rows: Vec<Summary> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.label,
+                median_run(&r.keep),
+                median_run(&r.resumed),
+                median_run(&r.full),
+                r.rss,
+                r.checks,
+            )
+        })
+        .collect();
 
     let mut md = String::from(
         "<!-- ingress:begin -->\n## Ingress: HTTPS through a proxy, wrk (issue 7)\n\n",
     );
     writeln!(
         md,
-        "_{} · `bench/ingress.sh` · each proxy pinned to core 0 (one worker/thread), wrk (1 thread, {} connections) and the backend (nginx, a 23-byte body) to core 1, loopback, the same self-signed certificate, TLS 1.3 · {} s per run · uc is the same `uc_ingress::serve` the agent runs, on one tokio worker · nginx keeps upstream connections alive (`keepalive 64`), HAProxy reuses them, uc and Caddy pool them · new connections: wrk with `Connection: close`; it offers the session it was given on each reconnect, so against a proxy's default configuration these are resumed handshakes; \"full\" runs the same proxy with resumption turned off (no tickets, no session cache). A rustls client checks each configuration: \"resumes\" says whether its second and third connections resumed_\n",
+        "_{} · `bench/ingress.sh` · each proxy pinned to core 0 (one worker/thread), wrk (1 thread, {} connections) and the backend (nginx, a 23-byte body) to core 1, loopback, the same self-signed certificate, TLS 1.3 · medians of {} rounds of {} s per run, the proxies taking turns · uc is the same `uc_ingress::serve` the agent runs, on one tokio worker, with mimalloc as ucd has it · nginx keeps upstream connections alive (`keepalive 64`), HAProxy reuses them, uc and Caddy pool them · new connections: wrk with `Connection: close`; it offers the session it was given on each reconnect, so against a proxy's default configuration these are resumed handshakes; \"full\" runs the same proxy with resumption turned off (no tickets, no session cache). A rustls client checks each configuration: \"resumes\" says whether its second and third connections resumed_\n",
         uc_bench::date_utc(),
         args.connections,
+        args.rounds,
         args.secs,
     )?;
     md.push_str("| proxy | keep-alive req/s | p99 ms | new conn., resumed req/s | p99 ms | new conn., full handshake req/s | p99 ms | resumes (on/off) | errors | RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n");
     let yn = |b: bool| if b { "yes" } else { "no" };
-    for r in &rows {
+    for (label, keep, resumed, full, rss, checks) in &rows {
         writeln!(
             md,
-            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {}/{} | {} | {:.0} |",
-            r.label,
-            r.keep.rps,
-            r.keep.p99_ms,
-            r.resumed.rps,
-            r.resumed.p99_ms,
-            r.full.rps,
-            r.full.p99_ms,
-            yn(r.checks.0),
-            yn(r.checks.1),
-            r.keep.errors + r.resumed.errors + r.full.errors,
-            r.rss
+            "| {label} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {}/{} | {} | {rss:.0} |",
+            keep.rps,
+            keep.p99_ms,
+            resumed.rps,
+            resumed.p99_ms,
+            full.rps,
+            full.p99_ms,
+            yn(checks.0),
+            yn(checks.1),
+            keep.errors + resumed.errors + full.errors,
         )?;
     }
     if let (Some(uc), Some(nginx)) = (rows.first(), rows.get(1)) {
         let ratio = |a: &Run, b: &Run| (a.rps / b.rps, a.p99_ms / b.p99_ms);
-        let (k, kp) = ratio(&uc.keep, &nginx.keep);
-        let (r, rp) = ratio(&uc.resumed, &nginx.resumed);
-        let (f, fp) = ratio(&uc.full, &nginx.full);
+        let (k, kp) = ratio(&uc.1, &nginx.1);
+        let (r, rp) = ratio(&uc.2, &nginx.2);
+        let (f, fp) = ratio(&uc.3, &nginx.3);
         writeln!(
             md,
             "\nuc / nginx, requests per second (p99): keep-alive {k:.2}x ({kp:.2}x); new connections resumed {r:.2}x ({rp:.2}x); full handshakes {f:.2}x ({fp:.2}x). Target: at least nginx's requests per second with p99 no higher, in every mode.",

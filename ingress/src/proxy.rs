@@ -377,16 +377,24 @@ async fn handle(
         ingress.counters.not_found.fetch_add(1, Ordering::Relaxed);
         return text(StatusCode::NOT_FOUND, "no such site here");
     };
-    let service = route.service.clone();
-    let backends = route.backends.clone();
-    drop(table);
-    if backends.is_empty() {
+    // `table` stays alive while this request is forwarded; a route change meanwhile swaps in a
+    // new table for later requests.
+    if route.backends.is_empty() {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("service {service} has no running containers"),
+            &format!("service {} has no running containers", route.service),
         );
     }
-    forward(ingress, req, peer, https, &host, &service, &backends).await
+    forward(
+        ingress,
+        req,
+        peer,
+        https,
+        &host,
+        &route.service,
+        &route.backends,
+    )
+    .await
 }
 
 /// Headers that belong to one hop and are not passed on (RFC 9110, 7.6.1).
@@ -501,7 +509,17 @@ async fn forward(
     };
 
     let now = Instant::now();
-    for addr in ingress.balancer.order(backends, now).into_iter().take(3) {
+    let order = ingress.balancer.order(backends, now);
+    let attempts = order.len().min(3);
+    let mut parts = Some(parts);
+    for (i, addr) in order.into_iter().take(attempts).enumerate() {
+        // The request's head is copied only when a retry may need it again.
+        let head = if i + 1 < attempts && retry_body.is_some() {
+            parts.clone()
+        } else {
+            parts.take()
+        };
+        let Some(head) = head else { break };
         let body = match (&retry_body, stream_body.take()) {
             (Some(b), _) => full(b.clone()),
             (None, Some(b)) => b.boxed(),
@@ -515,7 +533,7 @@ async fn forward(
         else {
             return text(StatusCode::BAD_REQUEST, "the request's path is not valid");
         };
-        let mut up = Request::from_parts(parts.clone(), body);
+        let mut up = Request::from_parts(head, body);
         *up.uri_mut() = uri;
         match ingress.client.request(up).await {
             Ok(mut resp) => {
