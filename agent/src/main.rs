@@ -3,11 +3,6 @@
 use clap::Parser;
 use uc_agent::config::Subcommand;
 
-/// mimalloc: the ingress serves about 5% more requests per second with it than with glibc's
-/// malloc (bench/ingress.sh), and the agent's many small, short-lived allocations suit it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let args = uc_agent::config::Args::parse();
     if let Some(Subcommand::Shim {

@@ -24,10 +24,6 @@ const PROXY_PORT: u16 = 18443;
 /// changes.
 const HOST: &str = "bench.example.test";
 
-/// The allocator ucd runs with.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 struct Args {
     /// Seconds of each wrk run.
@@ -514,7 +510,7 @@ fn main() -> anyhow::Result<()> {
     );
     writeln!(
         md,
-        "_{} · `bench/ingress.sh` · each proxy pinned to core 0 (one worker/thread), wrk (1 thread, {} connections) and the backend (nginx, a 23-byte body) to core 1, loopback, the same self-signed certificate, TLS 1.3 · medians of {} rounds of {} s per run, the proxies taking turns · uc is the same `uc_ingress::serve` the agent runs, on one tokio worker, with mimalloc as ucd has it · nginx keeps upstream connections alive (`keepalive 64`), HAProxy reuses them, uc and Caddy pool them · new connections: wrk with `Connection: close`; it offers the session it was given on each reconnect, so against a proxy's default configuration these are resumed handshakes; \"full\" runs the same proxy with resumption turned off (no tickets, no session cache). A rustls client checks each configuration: \"resumes\" says whether its second and third connections resumed_\n",
+        "_{} · `bench/ingress.sh` · each proxy pinned to core 0 (one worker/thread), wrk (1 thread, {} connections) and the backend (nginx, a 23-byte body) to core 1, loopback, the same self-signed certificate, TLS 1.3 · medians of {} rounds of {} s per run, the proxies taking turns · uc is the same `uc_ingress::serve` the agent runs, on one tokio worker · nginx keeps upstream connections alive (`keepalive 64`), HAProxy reuses them, uc and Caddy pool them · new connections: wrk with `Connection: close`; it offers the session it was given on each reconnect, so against a proxy's default configuration these are resumed handshakes; \"full\" runs the same proxy with resumption turned off (no tickets, no session cache). A rustls client checks each configuration: \"resumes\" says whether its second and third connections resumed_\n",
         uc_bench::date_utc(),
         args.connections,
         args.rounds,
