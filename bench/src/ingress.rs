@@ -205,13 +205,11 @@ fn median_run(runs: &[Run]) -> Run {
 
 fn wait_listening(port: u16) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("nothing listens on {addr}")
+    uc_e2e::eventually(Duration::from_secs(5), "a listener", || {
+        Ok(std::net::TcpStream::connect(addr)?)
+    })
+    .with_context(|| format!("nothing listens on {addr}"))?;
+    Ok(())
 }
 
 struct Run {
@@ -398,13 +396,13 @@ fn main() -> anyhow::Result<()> {
     let argv = |proxy: &str, resumption: bool| -> Vec<String> {
         let nr = if resumption { "" } else { "-nr" };
         let v: Vec<String> = match proxy {
-            "uc" if resumption => vec![me.clone(), "--serve-uc".into(), dir_s.clone()],
-            "uc" => vec![
-                me.clone(),
-                "--serve-uc".into(),
-                dir_s.clone(),
-                "--no-resumption".into(),
-            ],
+            "uc" => {
+                let mut v = vec![me.clone(), "--serve-uc".into(), dir_s.clone()];
+                if !resumption {
+                    v.push("--no-resumption".into());
+                }
+                v
+            }
             "nginx" => vec!["nginx".into(), "-c".into(), d(&format!("nginx{nr}.conf"))],
             "HAProxy" => vec![
                 "haproxy".into(),

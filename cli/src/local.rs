@@ -66,16 +66,17 @@ fn start_ingress(
         &log,
     )?;
     // Ready when the forwarder listens.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", https)).is_err() {
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "the forwarder does not listen on 127.0.0.1:{https}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    uc_e2e::eventually(
+        std::time::Duration::from_secs(10),
+        "the forwarder to listen",
+        || Ok(std::net::TcpStream::connect(("127.0.0.1", https))?),
+    )
+    .with_context(|| {
+        format!(
+            "the forwarder's log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    })?;
     Ok(IngressPorts { http, https, root })
 }
 

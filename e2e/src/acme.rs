@@ -5,9 +5,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 
 use crate::Cluster;
 
@@ -118,22 +118,19 @@ impl Pebble {
         )
         .context("starting pebble (Debian package pebble)")?;
         let addr = SocketAddr::from((self.ip, PEBBLE_PORT));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        crate::eventually(Duration::from_secs(20), "pebble to listen", || {
             let up = crate::netns::run_in(netns, || {
                 TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
             })?;
-            if up {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "pebble does not listen on {addr}; its log:\n{}",
-                    std::fs::read_to_string(self.log()).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            ensure!(up, "nothing listens on {addr}");
+            Ok(())
+        })
+        .with_context(|| {
+            format!(
+                "pebble's log:\n{}",
+                std::fs::read_to_string(self.log()).unwrap_or_default()
+            )
+        })
     }
 
     /// Pebble's log.
