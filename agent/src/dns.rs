@@ -3,7 +3,7 @@
 //! names to the machine's upstream resolvers.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,22 +122,31 @@ pub fn upstreams(configured: &[SocketAddr]) -> Vec<SocketAddr> {
     uc_dns::parse_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
 }
 
-/// Binds port `port` on `ip` (UDP and TCP), keeps the view current, and serves until shutdown.
+/// Binds port `port` on each of `ips` (UDP and TCP), keeps the view current, and serves until
+/// shutdown. Returns the first address.
 pub async fn start(
     node: Arc<Node>,
-    ip: Ipv4Addr,
+    ips: &[IpAddr],
     port: u16,
     upstream: &[SocketAddr],
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    let addr = SocketAddr::new(IpAddr::V4(ip), port);
-    let udp = tokio::net::UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS on {addr}/udp"))?;
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding DNS on {addr}/tcp"))?;
+    let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+    let (mut udp, mut tcp) = (Vec::new(), Vec::new());
+    for addr in &addrs {
+        udp.push(
+            tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("binding DNS on {addr}/udp"))?,
+        );
+        tcp.push(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding DNS on {addr}/tcp"))?,
+        );
+    }
+    let addr = *addrs.first().context("DNS has no address to listen on")?;
     let mut heads = node.subscribe_heads();
     let digest = heads.borrow_and_update().clone();
     let (tx, rx) = watch::channel(Arc::new(
@@ -149,9 +158,9 @@ pub async fn start(
             upstreams: upstreams(upstream),
             ..Default::default()
         },
-        &[addr],
+        &addrs,
     );
-    tracing::info!(%addr, upstreams = ?handler.upstreams(), "DNS serving");
+    tracing::info!(addrs = ?addrs, upstreams = ?handler.upstreams(), "DNS serving");
     let stop = shutdown.clone();
     tracker.spawn(async move {
         loop {
@@ -169,7 +178,7 @@ pub async fn start(
         }
     });
     tracker.spawn(async move {
-        if let Err(e) = uc_dns::serve(handler, vec![udp], vec![tcp], shutdown).await {
+        if let Err(e) = uc_dns::serve(handler, udp, tcp, shutdown).await {
             tracing::error!(error = %e, "DNS server stopped");
         }
     });

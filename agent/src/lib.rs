@@ -47,7 +47,7 @@ use crate::store::Store;
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "info,chitchat=error,h2=warn,hyper=warn,tower=warn,boringtun=error",
+            "info,chitchat=error,h2=warn,hyper=warn,tower=warn,boringtun=error,hickory_server=warn",
         )
     });
     let counter =
@@ -291,14 +291,20 @@ async fn serve(
     let ingress = ingress::IngressAgent::new(node.clone(), &tracker, shutdown.clone())?;
     ingress.spawn();
     let _ = node.ingress.set(ingress);
-    // DNS on the machine's mesh address.
-    let v4 = node
+    // DNS on the machine's mesh addresses, IPv4 first.
+    let (v4, v6) = node
         .read(|doc| doc.machine(id))
-        .and_then(|m| mesh.addresses_of(m.subnet).0);
-    if let Some(v4) = v4 {
+        .map(|m| mesh.addresses_of(m.subnet))
+        .unwrap_or_default();
+    let dns_ips: Vec<IpAddr> = v4
+        .map(IpAddr::V4)
+        .into_iter()
+        .chain(v6.map(IpAddr::V6))
+        .collect();
+    if v4.is_some() {
         match dns::start(
             node.clone(),
-            v4,
+            &dns_ips,
             config.dns_port,
             &config.dns_upstreams,
             &tracker,

@@ -120,11 +120,62 @@ pub fn soa(view: &DnsView) -> Record {
 /// Answers `qtype` for `qname`; `rotate` turns the order of a service's addresses (a counter
 /// per query spreads clients over the containers).
 pub fn answer(view: &DnsView, qname: &Name, qtype: RecordType, rotate: usize) -> Answer {
+    answer_turning(view, qname, qtype, rotate).0
+}
+
+/// [`answer`], and the period of its rotation: `rotate` and `rotate + period` give the same
+/// answer (1 when nothing turns).
+pub fn answer_turning(
+    view: &DnsView,
+    qname: &Name,
+    qtype: RecordType,
+    rotate: usize,
+) -> (Answer, usize) {
     let l = labels(qname);
     if l.last().map(String::as_str) != Some(ZONE) {
-        return Answer::Forward;
+        return (Answer::Forward, 1);
     }
     let l = &l[..l.len() - 1];
+    match l {
+        // nearest.<service>.internal: this machine's containers first.
+        [nearest, service] if nearest == "nearest" && service != "machine" => {
+            match view.services.get(service) {
+                Some(svc) => {
+                    let (mut here, mut there): (Vec<&ContainerRec>, Vec<&ContainerRec>) = svc
+                        .containers
+                        .iter()
+                        .filter(|c| c.healthy)
+                        .partition(|c| c.machine == view.this_machine);
+                    let period = lcm(here.len().max(1), there.len().max(1));
+                    rotate_vec(&mut here, rotate);
+                    rotate_vec(&mut there, rotate);
+                    here.extend(there);
+                    (service_records(qname, &here, qtype), period)
+                }
+                None => (Answer::NxDomain, 1),
+            }
+        }
+        // <service>.internal
+        [service] if service != "machine" && view.services.contains_key(service) => {
+            let svc = &view.services[service];
+            let mut healthy: Vec<&ContainerRec> =
+                svc.containers.iter().filter(|c| c.healthy).collect();
+            let period = healthy.len().max(1);
+            rotate_vec(&mut healthy, rotate);
+            (service_records(qname, &healthy, qtype), period)
+        }
+        // _<port>._<proto>.<service>.internal
+        [port, proto, service]
+            if port.starts_with('_') && proto.starts_with('_') && service != "machine" =>
+        {
+            srv_records(view, qname, qtype, rotate, port, proto, service)
+        }
+        _ => (fixed(view, qname, qtype, l), 1),
+    }
+}
+
+/// The names whose answer does not turn.
+fn fixed(view: &DnsView, qname: &Name, qtype: RecordType, l: &[String]) -> Answer {
     match l {
         // The zone's apex.
         [] => match qtype {
@@ -156,74 +207,67 @@ pub fn answer(view: &DnsView, qname: &Name, qtype: RecordType, rotate: usize) ->
                 None => Answer::NxDomain,
             }
         }
-        // _<port>._<proto>.<service>.internal
-        [port, proto, service] if port.starts_with('_') && proto.starts_with('_') => {
-            let Some(svc) = view.services.get(service) else {
-                return Answer::NxDomain;
-            };
-            let tcp = match proto.as_str() {
-                "_tcp" => true,
-                "_udp" => false,
-                _ => return Answer::NxDomain,
-            };
-            let want = &port[1..];
-            let Some(p) = svc
-                .ports
-                .iter()
-                .find(|p| p.tcp == tcp && (p.name == want || p.port.to_string() == want))
-            else {
-                return Answer::NxDomain;
-            };
-            if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
-                return Answer::NoData;
-            }
-            let mut records: Vec<Record> = svc
-                .containers
-                .iter()
-                .filter(|c| c.healthy)
-                .filter_map(|c| {
-                    let target = name_of(&format!("{}.{}.machine.{ZONE}", c.name, c.machine))?;
-                    Some(Record::from_rdata(
-                        qname.clone(),
-                        TTL,
-                        RData::SRV(SRV::new(10, 10, p.port, target)),
-                    ))
-                })
-                .collect();
-            rotate_vec(&mut records, rotate);
-            if records.is_empty() {
-                Answer::NoData
-            } else {
-                Answer::Records(records)
-            }
-        }
-        // nearest.<service>.internal: this machine's containers first.
-        [nearest, service] if nearest == "nearest" => match view.services.get(service) {
-            Some(svc) => {
-                let (mut here, mut there): (Vec<&ContainerRec>, Vec<&ContainerRec>) = svc
-                    .containers
-                    .iter()
-                    .filter(|c| c.healthy)
-                    .partition(|c| c.machine == view.this_machine);
-                rotate_vec(&mut here, rotate);
-                rotate_vec(&mut there, rotate);
-                here.extend(there);
-                service_records(qname, &here, qtype)
-            }
-            None => Answer::NxDomain,
-        },
-        // <service>.internal
-        [service] => match view.services.get(service) {
-            Some(svc) => {
-                let mut healthy: Vec<&ContainerRec> =
-                    svc.containers.iter().filter(|c| c.healthy).collect();
-                rotate_vec(&mut healthy, rotate);
-                service_records(qname, &healthy, qtype)
-            }
-            None => Answer::NxDomain,
-        },
         _ => Answer::NxDomain,
     }
+}
+
+/// `_<port>._<proto>.<service>.internal`: SRV records to the service's healthy containers.
+fn srv_records(
+    view: &DnsView,
+    qname: &Name,
+    qtype: RecordType,
+    rotate: usize,
+    port: &str,
+    proto: &str,
+    service: &str,
+) -> (Answer, usize) {
+    let Some(svc) = view.services.get(service) else {
+        return (Answer::NxDomain, 1);
+    };
+    let tcp = match proto {
+        "_tcp" => true,
+        "_udp" => false,
+        _ => return (Answer::NxDomain, 1),
+    };
+    let want = &port[1..];
+    let Some(p) = svc
+        .ports
+        .iter()
+        .find(|p| p.tcp == tcp && (p.name == want || p.port.to_string() == want))
+    else {
+        return (Answer::NxDomain, 1);
+    };
+    if !matches!(qtype, RecordType::SRV | RecordType::ANY) {
+        return (Answer::NoData, 1);
+    }
+    let mut records: Vec<Record> = svc
+        .containers
+        .iter()
+        .filter(|c| c.healthy)
+        .filter_map(|c| {
+            let target = name_of(&format!("{}.{}.machine.{ZONE}", c.name, c.machine))?;
+            Some(Record::from_rdata(
+                qname.clone(),
+                TTL,
+                RData::SRV(SRV::new(10, 10, p.port, target)),
+            ))
+        })
+        .collect();
+    let period = records.len().max(1);
+    rotate_vec(&mut records, rotate);
+    if records.is_empty() {
+        (Answer::NoData, 1)
+    } else {
+        (Answer::Records(records), period)
+    }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
 }
 
 fn service_records(owner: &Name, containers: &[&ContainerRec], qtype: RecordType) -> Answer {
@@ -374,6 +418,41 @@ mod tests {
             answer(&v, &n("internal."), RecordType::SOA, 0),
             Answer::Records(_)
         ));
+    }
+
+    #[test]
+    fn answers_repeat_after_their_period() {
+        let mut v = view();
+        // Two healthy on vps, one on pi: nearest turns with lcm(1, 2) on pi.
+        v.services.get_mut("web").unwrap().containers[2].healthy = true;
+        for (name, qtype, period) in [
+            ("web.internal.", RecordType::A, 3),
+            ("nearest.web.internal.", RecordType::A, 2),
+            ("_http._tcp.web.internal.", RecordType::SRV, 3),
+            ("pi.machine.internal.", RecordType::A, 1),
+            ("db.internal.", RecordType::A, 1),
+            ("example.com.", RecordType::A, 1),
+        ] {
+            for r in 0..7 {
+                let (a, p) = answer_turning(&v, &n(name), qtype, r);
+                assert_eq!(p, period, "{name}");
+                assert_eq!(
+                    answer_turning(&v, &n(name), qtype, r + p).0,
+                    a,
+                    "{name} {r}"
+                );
+            }
+        }
+        // A service named like the machine zone does not hide it.
+        v.services.insert("machine".into(), ServiceRec::default());
+        assert_eq!(
+            answer(&v, &n("machine.internal."), RecordType::A, 0),
+            Answer::NoData
+        );
+        assert_eq!(
+            v4s(&answer(&v, &n("pi.machine.internal."), RecordType::A, 0)),
+            ["10.210.2.1"]
+        );
     }
 
     #[test]

@@ -2,14 +2,17 @@
 //! `<container>.<machine>.machine.internal`, `<machine>.machine.internal` and SRV records for a
 //! service's ports from its own replica of the state, and forwards every other name upstream.
 //!
-//! `answer` is the pure core (a view of the state in, records out); `server` is the I/O shell
-//! (hickory-server on sockets the caller bound, with a shutdown token).
+//! `answer` is the pure core (a view of the state in, records out); `wire` and `cache` are
+//! the pure answer cache (whole responses by question); `server` is the I/O shell (uc's UDP
+//! loop and hickory-server for TCP, on sockets the caller bound, with a shutdown token).
 
 pub mod answer;
+pub mod cache;
 pub mod server;
+pub mod wire;
 
 pub use answer::{Answer, ContainerRec, DnsView, MachineRec, PortRec, ServiceRec, answer};
-pub use server::{ForwardConfig, Handler, serve};
+pub use server::{ForwardConfig, Handler, UdpStep, serve};
 
 /// What can go wrong serving DNS.
 #[derive(Debug, thiserror::Error)]

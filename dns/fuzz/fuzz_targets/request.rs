@@ -1,5 +1,9 @@
-//! The DNS request path on arbitrary bytes: hickory's parsing of the request, then uc's handler
-//! (the pure answer, the response builder and its encoding) exactly as the server runs them.
+//! The DNS request paths on arbitrary bytes, exactly as the server runs them:
+//! - UDP: uc's reading of a plain query and its answer cache, else hickory's parsing and uc's
+//!   handler; each datagram twice, so the second may come from the cache. What is sent must be a
+//!   DNS message with the datagram's id;
+//! - TCP: hickory's parsing of the request, then uc's handler (the pure answer, the response
+//!   builder and its encoding).
 //! Nothing may panic.
 #![no_main]
 
@@ -81,6 +85,7 @@ fn handler() -> &'static uc_dns::Handler {
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    udp(data);
     let src = SocketAddr::from(([127, 0, 0, 1], 5353));
     let Ok(request) = Request::from_bytes(data.to_vec(), src, Protocol::Udp) else {
         return;
@@ -90,4 +95,25 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         .build()
         .unwrap();
     rt.block_on(handler().handle_request::<_, TokioTime>(&request, Sink));
+});
+
+fn udp(data: &[u8]) {
+    let src = SocketAddr::from(([127, 0, 0, 1], 5353));
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        let sent = match handler().udp_step(data, src, std::time::Instant::now(), &mut out) {
+            uc_dns::UdpStep::Send => out.clone(),
+            uc_dns::UdpStep::Forward(p) => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(handler().forward_udp(*p))
+            }
+            uc_dns::UdpStep::Drop => continue,
+        };
+        let m = hickory_proto::op::Message::from_vec(&sent).expect("a DNS message is sent");
+        assert_eq!(m.metadata.id.to_be_bytes(), [data[0], data[1]]);
+    }
+}
 });

@@ -1,6 +1,6 @@
 //! The internal DNS on namespace machines: every agent answers the cluster's names from its own
 //! replica, on its mesh address, to `dig` run on the machine as a workload would, and to
-//! `uc dns lookup`, also across the mesh and during a partition.
+//! `uc dns lookup`, also across the mesh (IPv4 and IPv6) and during a partition.
 
 use std::time::Duration;
 
@@ -53,6 +53,25 @@ fn every_machine_answers_the_clusters_names() -> anyhow::Result<()> {
             let text = String::from_utf8_lossy(&out.stdout);
             ensure!(text.trim() == ips[1], "dig on m{i}: {text:?}");
         }
+        // Over IPv6: m0 asks m2's server at m2's IPv6 mesh address, across the mesh.
+        let (_, m1_v6) = c.mesh_addresses(1)?;
+        let (_, m2_v6) = c.mesh_addresses(2)?;
+        let out = c.exec_in(
+            0,
+            &[
+                "dig",
+                &format!("@{m2_v6}"),
+                "+short",
+                "+time=2",
+                "AAAA",
+                "m1.machine.internal",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.trim().parse::<std::net::Ipv6Addr>().ok() == Some(m1_v6),
+            "dig over IPv6 at {m2_v6}: {text:?}, expected {m1_v6}"
+        );
         // Another machine's server, over the mesh.
         let v = lookup(c, 0, "m0.machine.internal", Some("m2"))?;
         ensure!(
@@ -84,17 +103,25 @@ fn names_follow_the_state_and_each_side_of_a_partition_answers_from_its_own() ->
             })?;
         }
         uc_ok(c, 1, &["state", "rm-service", "web"])?;
-        for i in 0..3 {
-            eventually(
-                Duration::from_secs(2),
-                "web.internal gone everywhere within 2 s",
-                || {
-                    let v = lookup(c, i, "web.internal", None)?;
-                    ensure!(rcode(&v) == "Non-Existent Domain", "m{i}: {v}");
-                    Ok(())
-                },
-            )?;
-        }
+        // Every machine, the writer and the two that learn it by replication, within 1 s.
+        let mut gone = [false; 3];
+        eventually(
+            Duration::from_secs(1),
+            "web.internal NXDOMAIN on every machine within 1 s of its removal",
+            || {
+                for (i, g) in gone.iter_mut().enumerate() {
+                    if !*g {
+                        let v = lookup(c, i, "web.internal", None)?;
+                        *g = rcode(&v) == "Non-Existent Domain";
+                    }
+                }
+                ensure!(
+                    gone.iter().all(|g| *g),
+                    "answered on {gone:?} (true: NXDOMAIN)"
+                );
+                Ok(())
+            },
+        )?;
         // Partition {0} | {1, 2}: a service made on one side is answered there only.
         c.partition(&[0])?;
         uc_ok(c, 0, &["state", "put-service", "solo"])?;
