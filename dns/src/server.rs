@@ -287,8 +287,10 @@ impl Handler {
             }
         }
         let request = match Request::from_bytes(pkt.to_vec(), src, Protocol::Udp) {
-            Ok(r) => r,
-            Err(_) => {
+            // A response echoes the question as received: a compression pointer in it would
+            // point elsewhere in the response.
+            Ok(r) if wire::first_name_is_plain(pkt) => r,
+            _ => {
                 return match wire::format_error(pkt) {
                     Some(e) => {
                         out.clear();

@@ -226,6 +226,21 @@ pub fn answers(template: &[u8], query: &Query<'_>) -> bool {
         && template[12..12 + q.len()].eq_ignore_ascii_case(q)
 }
 
+/// Whether the first name after the header has no compression pointer (one there could only
+/// point into the header: never a valid name).
+pub fn first_name_is_plain(pkt: &[u8]) -> bool {
+    let mut at = 12;
+    while let Some(&len) = pkt.get(at) {
+        match len {
+            0 => return true,
+            l if l & 0xc0 == 0 => at += 1 + l as usize,
+            _ => return false,
+        }
+    }
+    // Too short to hold a question: hickory reads it (or not) as it is.
+    true
+}
+
 /// The FORMERR response to a datagram hickory could not read, when it has a query's header.
 pub fn format_error(pkt: &[u8]) -> Option<[u8; 12]> {
     let h = pkt.get(..12)?;
@@ -360,6 +375,15 @@ mod tests {
 
     fn query_bytes_for(name: &str) -> Vec<u8> {
         query(name, RecordType::A, None)
+    }
+
+    #[test]
+    fn a_pointer_in_the_first_name_is_seen() {
+        let q = query("web.internal.", RecordType::A, None);
+        assert!(first_name_is_plain(&q));
+        let mut p = q[..12].to_vec();
+        p.extend([3, b'w', b'e', b'b', 0xc0, 0, 0, 1, 0, 1]);
+        assert!(!first_name_is_plain(&p));
     }
 
     #[test]

@@ -116,4 +116,3 @@ fn udp(data: &[u8]) {
         assert_eq!(m.metadata.id.to_be_bytes(), [data[0], data[1]]);
     }
 }
-});
