@@ -327,7 +327,7 @@ fn main() -> anyhow::Result<()> {
     let mut md = String::from("<!-- dns:begin -->\n## DNS: 1,000 names, dnsperf (issue 6)\n\n");
     writeln!(
         md,
-        "_{} · `bench/dns.sh` · each server pinned to core 0, dnsperf (and the upstream for forwarded names, a dnsmasq) to core 1, loopback · medians of {} rounds of {} s per run, the servers taking turns, {} queries outstanding · uc is the same `uc_dns::serve` the agent runs (its UDP loop and answer cache, hickory for TCP), on one worker thread_\n",
+        "_{} · `bench/dns.sh` · each server pinned to core 0, dnsperf (and the upstream for forwarded names, a dnsmasq) to core 1, loopback · medians of {} rounds of {} s per run, the servers taking turns, {} queries outstanding · uc is the same `uc_dns::serve` the agent runs (its UDP loop, reading and sending in batches with recvmmsg/sendmmsg, and its answer cache; hickory for TCP), on one worker thread_\n",
         uc_bench::date_utc(),
         args.rounds.max(1),
         args.secs,

@@ -4,11 +4,13 @@
 //!
 //! `answer` is the pure core (a view of the state in, records out); `wire` and `cache` are
 //! the pure answer cache (whole responses by question); `server` is the I/O shell (uc's UDP
-//! loop and hickory-server for TCP, on sockets the caller bound, with a shutdown token).
+//! loop and hickory-server for TCP, on sockets the caller bound, with a shutdown token), `udp`
+//! its batched datagram I/O (`recvmmsg`, `sendmmsg`).
 
 pub mod answer;
 pub mod cache;
 pub mod server;
+pub mod udp;
 pub mod wire;
 
 pub use answer::{Answer, ContainerRec, DnsView, MachineRec, PortRec, ServiceRec, answer};

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::answer::{Answer, DnsView, answer_turning, soa};
 use crate::cache::AnswerCache;
-use crate::wire;
+use crate::{udp, wire};
 
 /// How the server forwards names outside `internal`.
 #[derive(Clone, Debug)]
@@ -493,14 +493,17 @@ pub async fn serve(
         .map_err(|e| crate::DnsError::Server(e.to_string()))
 }
 
-/// One UDP socket: every datagram ready is handled in turn; forwarded ones in their own task.
+/// One UDP socket: the datagrams waiting are read in a batch and handled in turn, their
+/// responses sent in a batch; forwarded ones go on in their own task.
 async fn serve_udp(
     handler: Arc<Handler>,
     socket: Arc<tokio::net::UdpSocket>,
     shutdown: CancellationToken,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut out = Vec::with_capacity(512);
+    let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; udp::BATCH];
+    let mut outs: Vec<Vec<u8>> = (0..udp::BATCH).map(|_| Vec::with_capacity(512)).collect();
+    let mut got = Vec::with_capacity(udp::BATCH);
+    let mut to = Vec::with_capacity(udp::BATCH);
     let mut forwards = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -512,36 +515,60 @@ async fn serve_udp(
         }
         while forwards.try_join_next().is_some() {}
         loop {
-            let (n, src) = match socket.try_recv_from(&mut buf) {
-                Ok(r) => r,
+            got.clear();
+            let r = socket.try_io(tokio::io::Interest::READABLE, || {
+                udp::recv_batch(&*socket, &mut bufs, &mut got)
+            });
+            match r {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "DNS receive");
                     break;
                 }
-            };
-            match handler.udp_step(&buf[..n], src, Instant::now(), &mut out) {
-                UdpStep::Send => send(&socket, &out, src).await,
-                UdpStep::Forward(pending) => {
-                    let (h, s) = (handler.clone(), socket.clone());
-                    forwards.spawn(async move {
-                        let resp = h.forward_udp(*pending).await;
-                        send(&s, &resp, src).await;
-                    });
-                }
-                UdpStep::Drop => {}
             }
+            let now = Instant::now();
+            to.clear();
+            for (buf, &(len, src)) in bufs.iter().zip(&got) {
+                if len == 0 {
+                    continue;
+                }
+                match handler.udp_step(&buf[..len], src, now, &mut outs[to.len()]) {
+                    UdpStep::Send => to.push(src),
+                    UdpStep::Forward(pending) => {
+                        let (h, s) = (handler.clone(), socket.clone());
+                        forwards.spawn(async move {
+                            let resp = h.forward_udp(*pending).await;
+                            send_all(&s, &[resp], &[src]).await;
+                        });
+                    }
+                    UdpStep::Drop => {}
+                }
+            }
+            send_all(&socket, &outs[..to.len()], &to).await;
         }
     }
     forwards.abort_all();
 }
 
-async fn send(socket: &tokio::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
-    if bytes.is_empty() {
-        return;
-    }
-    if let Err(e) = socket.send_to(bytes, to).await {
-        tracing::debug!(error = %e, %to, "DNS send");
+/// Sends `msgs[i]` to `to[i]`, waiting while the socket's buffer is full; a message the kernel
+/// refuses is skipped.
+async fn send_all(socket: &tokio::net::UdpSocket, msgs: &[Vec<u8>], to: &[SocketAddr]) {
+    let mut done = 0;
+    while done < msgs.len() {
+        let r = socket
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                udp::send_batch(socket, &msgs[done..], &to[done..])
+            })
+            .await;
+        match r {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, to = %to[done], "DNS send");
+                done += 1;
+            }
+        }
     }
 }
 
