@@ -390,24 +390,23 @@ impl Api for ApiService {
         request: Request<DnsLookupRequest>,
     ) -> Result<Response<DnsLookupResponse>, Status> {
         let r = request.into_inner();
-        let server =
-            if r.machine.is_empty() {
-                *self.node.dns.get().ok_or_else(|| {
-                    Status::unavailable("this machine's DNS server is not running")
-                })?
-            } else {
-                self.ready().await?;
-                let m = self.active_machine(&r.machine)?;
-                let mesh = self
-                    .node
-                    .mesh
-                    .get()
-                    .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
-                let v4 = mesh.addresses_of(m.subnet).0.ok_or_else(|| {
-                    Status::failed_precondition(format!("{} has no mesh address", m.name))
-                })?;
-                std::net::SocketAddr::new(v4.into(), self.node.config.dns_port)
-            };
+        let server = if r.machine.is_empty() {
+            self.node
+                .dns()
+                .ok_or_else(|| Status::unavailable("this machine's DNS server is not running"))?
+        } else {
+            self.ready().await?;
+            let m = self.active_machine(&r.machine)?;
+            let mesh = self
+                .node
+                .mesh
+                .get()
+                .ok_or_else(|| Status::unavailable("the mesh interface is not up yet"))?;
+            let v4 = mesh.addresses_of(m.subnet).0.ok_or_else(|| {
+                Status::failed_precondition(format!("{} has no mesh address", m.name))
+            })?;
+            std::net::SocketAddr::new(v4.into(), self.node.config.dns_port)
+        };
         let rtype = if r.record_type.is_empty() {
             "A".to_string()
         } else {

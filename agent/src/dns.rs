@@ -1,6 +1,7 @@
 //! The agent's DNS server: answers the cluster's names from this replica of the state (so they
-//! work during a partition) on the machine's mesh address, port 53, UDP and TCP; forwards other
-//! names to the machine's upstream resolvers.
+//! work during a partition) on the machine's mesh addresses (IPv4 and IPv6, following them when
+//! the machine's /24 moves), port 53, UDP and TCP; forwards other names to the machine's
+//! upstream resolvers.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -122,16 +123,29 @@ pub fn upstreams(configured: &[SocketAddr]) -> Vec<SocketAddr> {
     uc_dns::parse_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
 }
 
-/// Binds port `port` on each of `ips` (UDP and TCP), keeps the view current, and serves until
-/// shutdown. Returns the first address.
-pub async fn start(
-    node: Arc<Node>,
-    ips: &[IpAddr],
-    port: u16,
-    upstream: &[SocketAddr],
-    tracker: &TaskTracker,
-    shutdown: CancellationToken,
-) -> anyhow::Result<SocketAddr> {
+/// The addresses DNS listens on: this machine's mesh addresses, IPv4 first (none before the
+/// machine has a /24).
+fn listen_ips(node: &Node, mesh: &crate::mesh::Mesh) -> Vec<IpAddr> {
+    let Some((v4, v6)) = node
+        .read(|doc| doc.machine(&node.machine_id))
+        .map(|m| mesh.addresses_of(m.subnet))
+    else {
+        return Vec::new();
+    };
+    v4.map(IpAddr::V4)
+        .into_iter()
+        .chain(v6.map(IpAddr::V6))
+        .collect()
+}
+
+/// Sockets bound on port `port` of each of `ips`, UDP and TCP.
+struct Bound {
+    addrs: Vec<SocketAddr>,
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
+}
+
+async fn bind(ips: &[IpAddr], port: u16) -> anyhow::Result<Bound> {
     let addrs: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
     let (mut udp, mut tcp) = (Vec::new(), Vec::new());
     for addr in &addrs {
@@ -146,26 +160,66 @@ pub async fn start(
                 .with_context(|| format!("binding DNS on {addr}/tcp"))?,
         );
     }
-    let addr = *addrs.first().context("DNS has no address to listen on")?;
+    Ok(Bound { addrs, udp, tcp })
+}
+
+/// Serves the view on `bound` until `stop`.
+fn spawn_server(
+    bound: Bound,
+    view: watch::Receiver<Arc<DnsView>>,
+    upstream: &[SocketAddr],
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) {
+    let handler = uc_dns::Handler::new(
+        view,
+        ForwardConfig {
+            upstreams: upstreams(upstream),
+            ..Default::default()
+        },
+        &bound.addrs,
+    );
+    tracing::info!(addrs = ?bound.addrs, upstreams = ?handler.upstreams(), "DNS serving");
+    tracker.spawn(async move {
+        if let Err(e) = uc_dns::serve(handler, bound.udp, bound.tcp, stop).await {
+            tracing::error!(error = %e, "DNS server stopped");
+        }
+    });
+}
+
+/// Serves DNS on this machine's mesh addresses, port `port`, UDP and TCP, until shutdown: keeps
+/// the view current and, when the machine's /24 moves (the state's clash rule), listens on its
+/// new addresses instead. Returns the first address, or None when the machine has no /24 yet.
+pub async fn start(
+    node: Arc<Node>,
+    mesh: Arc<crate::mesh::Mesh>,
+    port: u16,
+    upstream: &[SocketAddr],
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let mut ips = listen_ips(&node, &mesh);
+    if ips.is_empty() {
+        return Ok(None);
+    }
+    let bound = bind(&ips, port).await?;
+    let first = bound.addrs[0];
+    node.set_dns(Some(first));
     let mut heads = node.subscribe_heads();
     let digest = heads.borrow_and_update().clone();
     let (tx, rx) = watch::channel(Arc::new(
         node.read(|doc| view(doc, &node.machine_id, &digest)),
     ));
-    let handler = uc_dns::Handler::new(
-        rx,
-        ForwardConfig {
-            upstreams: upstreams(upstream),
-            ..Default::default()
-        },
-        &addrs,
-    );
-    tracing::info!(addrs = ?addrs, upstreams = ?handler.upstreams(), "DNS serving");
-    let stop = shutdown.clone();
+    let mut serving = shutdown.child_token();
+    spawn_server(bound, rx.clone(), upstream, tracker, serving.clone());
+    let (upstream, tracker2) = (upstream.to_vec(), tracker.clone());
     tracker.spawn(async move {
+        // While the addresses moved but are not on the interface yet, binding is retried.
+        let mut retry = tokio::time::interval(Duration::from_millis(200));
+        let mut moved = false;
         loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = shutdown.cancelled() => break,
                 r = heads.changed() => {
                     if r.is_err() { break }
                     let digest = heads.borrow_and_update().clone();
@@ -174,15 +228,28 @@ pub async fn start(
                         tx.send_replace(Arc::new(v));
                     }
                 }
+                _ = retry.tick(), if moved => {}
+            }
+            let want = listen_ips(&node, &mesh);
+            moved = !want.is_empty() && want != ips;
+            if !moved {
+                continue;
+            }
+            match bind(&want, port).await {
+                Ok(bound) => {
+                    tracing::warn!(from = ?ips, to = ?want, "this machine's mesh addresses moved; DNS follows");
+                    serving.cancel();
+                    serving = shutdown.child_token();
+                    node.set_dns(Some(bound.addrs[0]));
+                    spawn_server(bound, rx.clone(), &upstream, &tracker2, serving.clone());
+                    ips = want;
+                    moved = false;
+                }
+                Err(e) => tracing::debug!(error = %e, "DNS cannot listen on the new addresses yet"),
             }
         }
     });
-    tracker.spawn(async move {
-        if let Err(e) = uc_dns::serve(handler, udp, tcp, shutdown).await {
-            tracing::error!(error = %e, "DNS server stopped");
-        }
-    });
-    Ok(addr)
+    Ok(Some(first))
 }
 
 /// Asks the DNS server at `server` for `name` `rtype` over UDP (TCP when the answer is

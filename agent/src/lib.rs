@@ -291,35 +291,19 @@ async fn serve(
     let ingress = ingress::IngressAgent::new(node.clone(), &tracker, shutdown.clone())?;
     ingress.spawn();
     let _ = node.ingress.set(ingress);
-    // DNS on the machine's mesh addresses, IPv4 first.
-    let (v4, v6) = node
-        .read(|doc| doc.machine(id))
-        .map(|m| mesh.addresses_of(m.subnet))
-        .unwrap_or_default();
-    let dns_ips: Vec<IpAddr> = v4
-        .map(IpAddr::V4)
-        .into_iter()
-        .chain(v6.map(IpAddr::V6))
-        .collect();
-    if v4.is_some() {
-        match dns::start(
-            node.clone(),
-            &dns_ips,
-            config.dns_port,
-            &config.dns_upstreams,
-            &tracker,
-            shutdown.clone(),
-        )
-        .await
-        {
-            Ok(addr) => {
-                let _ = node.dns.set(addr);
-            }
-            Err(e) => {
-                shutdown.cancel();
-                return Err(e);
-            }
-        }
+    // DNS on the machine's mesh addresses, following them if the /24 moves.
+    if let Err(e) = dns::start(
+        node.clone(),
+        mesh.clone(),
+        config.dns_port,
+        &config.dns_upstreams,
+        &tracker,
+        shutdown.clone(),
+    )
+    .await
+    {
+        shutdown.cancel();
+        return Err(e);
     }
 
     let join_service = JoinServer::new(peer::JoinService { node: node.clone() })

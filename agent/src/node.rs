@@ -105,8 +105,8 @@ pub struct Node {
     /// Set when this machine learns it was removed from the cluster: the agent stops and sets
     /// its state aside, so the machine can be added again (to this or another cluster).
     pub removed: std::sync::atomic::AtomicBool,
-    /// Where this machine's DNS server listens, once it does.
-    pub dns: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Where this machine's DNS server listens (its first address), once it does.
+    dns: std::sync::Mutex<Option<std::net::SocketAddr>>,
     /// This machine's runtimes, images and workloads, once started.
     pub workloads: std::sync::OnceLock<std::sync::Arc<crate::workloads::Workloads>>,
     /// This machine's ingress (serving only while the machine is tagged `ingress`).
@@ -121,6 +121,15 @@ pub fn now_ms() -> u64 {
 }
 
 impl Node {
+    /// Where this machine's DNS server listens (its IPv4 mesh address), once it does.
+    pub fn dns(&self) -> Option<std::net::SocketAddr> {
+        *self.dns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_dns(&self, addr: Option<std::net::SocketAddr>) {
+        *self.dns.lock().unwrap_or_else(|e| e.into_inner()) = addr;
+    }
+
     pub fn new(
         config: Config,
         machine_id: MachineId,
@@ -145,7 +154,7 @@ impl Node {
             metrics: Metrics::default(),
             mesh: std::sync::OnceLock::new(),
             removed: std::sync::atomic::AtomicBool::new(false),
-            dns: std::sync::OnceLock::new(),
+            dns: std::sync::Mutex::new(None),
             workloads: std::sync::OnceLock::new(),
             ingress: std::sync::OnceLock::new(),
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
-use uc_e2e::{Cluster, ClusterBuilder, eventually};
+use uc_e2e::{Bootstrap, Cluster, ClusterBuilder, eventually};
 
 use crate::{SETTLE, uc_ok, with_cluster};
 
@@ -142,6 +142,65 @@ fn names_follow_the_state_and_each_side_of_a_partition_answers_from_its_own() ->
                 Ok(())
             })?;
         }
+        Ok(())
+    })
+}
+
+/// Two machines join on the two sides of a partition and are given the same /24; after the heal
+/// one of them moves to another (the state's rule), and its DNS server moves with it.
+#[test]
+fn dns_follows_its_machine_to_a_new_subnet() -> anyhow::Result<()> {
+    with_cluster(ClusterBuilder::new(2), |c| {
+        c.partition(&[0])?;
+        // m2 joins through m1, on m1's side; m3 through m0, on m0's side.
+        let (a, b) = (c.add_namespace()?, c.add_namespace()?);
+        c.partition(&[0, b])?;
+        for (i, via) in [(a, 1), (b, 0)] {
+            let (peer, token) = (c.machine(via).join_addr(), c.token(via)?);
+            c.start_agent(i, Bootstrap::Join { peer, token }, &[])?;
+            c.wait_ready(i)?;
+        }
+        let before = (c.mesh_ip(a)?, c.mesh_ip(b)?);
+        ensure!(
+            before.0 == before.1,
+            "both sides should give the lowest free /24: {before:?}"
+        );
+        c.heal()?;
+        let (mover, moved_to) = eventually(SETTLE, "one of the two moves to another /24", || {
+            let now = (c.mesh_ip(a)?, c.mesh_ip(b)?);
+            ensure!(now.0 != now.1, "both still on {}", now.0);
+            Ok(if now.0 != before.0 {
+                (a, now.0)
+            } else {
+                (b, now.1)
+            })
+        })?;
+        let m0 = c.mesh_ip(0)?.to_string();
+        eventually(SETTLE, "DNS answers on the new address", || {
+            let out = c.exec_in(
+                mover,
+                &[
+                    "dig",
+                    &format!("@{moved_to}"),
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                    "m0.machine.internal",
+                ],
+            )?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(text.trim() == m0, "dig @{moved_to}: {text:?}");
+            // And `uc dns lookup` asks the server where it now is.
+            let v = lookup(c, mover, "m0.machine.internal", None)?;
+            ensure!(
+                v["server"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with(&moved_to.to_string()),
+                "{v}"
+            );
+            Ok(())
+        })?;
         Ok(())
     })
 }
