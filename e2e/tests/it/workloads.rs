@@ -176,11 +176,69 @@ fn nspawn_replicas_serve_http_across_the_mesh_and_rm_leaves_nothing() -> anyhow:
             got == want,
             "web.internal from a workload: {got:?}, want {want:?}"
         );
+        // A workload on the machine with no replica resolves web.internal through its own
+        // resolver (its machine's DNS) to the replicas on the other two, and connects by name.
+        let third = (0..3)
+            .find(|&i| !machines.contains(c.machine(i).name.as_str()))
+            .context("a machine with no replica")?;
+        let third_name = c.machine(third).name.clone();
+        uc_ok(
+            c,
+            0,
+            &["run", "-n", "client", "--machine", &third_name, "demo"],
+        )?;
+        eventually(
+            WAIT,
+            "the client resolves web.internal and connects by name",
+            || {
+                let out = c.uc(third, &["exec", "client", "nslookup", "web.internal"])?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                for a in &want {
+                    ensure!(
+                        text.contains(a),
+                        "nslookup web.internal in the client: {text}"
+                    );
+                }
+                // (busybox 1.35's wget crashes with -T or -qO-.)
+                let url = "http://web.internal/cgi-bin/hello";
+                let out = c.uc(third, &["exec", "client", "wget", "-q", "-O", "-", url])?;
+                let body = String::from_utf8_lossy(&out.stdout);
+                ensure!(
+                    out.status.success() && body.trim().starts_with("hello from web-"),
+                    "wget {url} in the client: {body:?}"
+                );
+                Ok(())
+            },
+        )?;
         // Logs merged across machines: the request A made shows up.
         let logs = uc_ok(c, 2, &["logs", "web"])?;
         ensure!(logs.contains(a_addr), "uc logs web: {logs}");
 
         uc_ok(c, 2, &["rm", "web"])?;
+        // Its name is gone on every machine within 1 s.
+        let mut gone = [false; 3];
+        eventually(
+            Duration::from_secs(1),
+            "web.internal NXDOMAIN everywhere within 1 s",
+            || {
+                for (i, g) in gone.iter_mut().enumerate() {
+                    if !*g {
+                        let v: Value = serde_json::from_str(&uc_ok(
+                            c,
+                            i,
+                            &["-o", "json", "dns", "lookup", "web.internal"],
+                        )?)?;
+                        *g = v["response_code"] == "Non-Existent Domain";
+                    }
+                }
+                ensure!(
+                    gone.iter().all(|g| *g),
+                    "answered on {gone:?} (true: NXDOMAIN)"
+                );
+                Ok(())
+            },
+        )?;
+        uc_ok(c, 0, &["rm", "client"])?;
         eventually(WAIT, "nothing left of web", || {
             ensure!(ps(c, 0)?.is_empty(), "ps not empty");
             for i in 0..3 {
