@@ -18,7 +18,7 @@ use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -368,16 +368,29 @@ impl Reply {
         r
     }
 
-    async fn send<R: ResponseHandler>(&self, request: &Request, mut rh: R) -> ResponseInfo {
-        let none: [Record; 0] = [];
-        let resp = MessageResponseBuilder::new(&request.queries, self.edns.as_ref()).build(
+    /// hickory's response to `request`, ready to encode.
+    fn response<'a>(
+        &'a self,
+        request: &'a Request,
+    ) -> MessageResponse<
+        'a,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    > {
+        MessageResponseBuilder::new(&request.queries, self.edns.as_ref()).build(
             self.meta,
             self.answers.iter(),
             self.authorities.iter(),
             self.soa.iter(),
-            none.iter(),
-        );
-        rh.send_response(resp)
+            [].iter(),
+        )
+    }
+
+    async fn send<R: ResponseHandler>(&self, request: &Request, mut rh: R) -> ResponseInfo {
+        rh.send_response(self.response(request))
             .await
             .unwrap_or_else(|_| serve_failed(request))
     }
@@ -387,14 +400,7 @@ impl Reply {
 /// truncated (TC) beyond it, as hickory-server does.
 fn encode_udp(reply: &Reply, request: &Request, out: &mut Vec<u8>) {
     out.clear();
-    let none: [Record; 0] = [];
-    let resp = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
-        reply.meta,
-        reply.answers.iter(),
-        reply.authorities.iter(),
-        reply.soa.iter(),
-        none.iter(),
-    );
+    let resp = reply.response(request);
     let mut enc = BinEncoder::new(out);
     enc.set_max_size(reply.edns.as_ref().map_or(512, Edns::max_payload));
     if resp.destructive_emit(&mut enc).is_err() {
