@@ -235,10 +235,12 @@ pub async fn start(
             if !moved {
                 continue;
             }
+            // The old server goes first: its addresses left the interface with the move, and
+            // one the new set shares would not bind while it holds it.
+            serving.cancel();
             match bind(&want, port).await {
                 Ok(bound) => {
                     tracing::warn!(from = ?ips, to = ?want, "this machine's mesh addresses moved; DNS follows");
-                    serving.cancel();
                     serving = shutdown.child_token();
                     node.set_dns(Some(bound.addrs[0]));
                     spawn_server(bound, rx.clone(), &upstream, &tracker2, serving.clone());
