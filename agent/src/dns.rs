@@ -189,7 +189,8 @@ fn spawn_server(
 
 /// Serves DNS on this machine's mesh addresses, port `port`, UDP and TCP, until shutdown: keeps
 /// the view current and, when the machine's /24 moves (the state's clash rule), listens on its
-/// new addresses instead. Returns the first address, or None when the machine has no /24 yet.
+/// new addresses instead (`Node::dns` says where it listens). Serves nothing if the machine has
+/// no /24 when it starts.
 pub async fn start(
     node: Arc<Node>,
     mesh: Arc<crate::mesh::Mesh>,
@@ -197,14 +198,13 @@ pub async fn start(
     upstream: &[SocketAddr],
     tracker: &TaskTracker,
     shutdown: CancellationToken,
-) -> anyhow::Result<Option<SocketAddr>> {
+) -> anyhow::Result<()> {
     let mut ips = listen_ips(&node, &mesh);
     if ips.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     let bound = bind(&ips, port).await?;
-    let first = bound.addrs[0];
-    node.set_dns(Some(first));
+    node.set_dns(Some(bound.addrs[0]));
     let mut heads = node.subscribe_heads();
     let digest = heads.borrow_and_update().clone();
     let (tx, rx) = watch::channel(Arc::new(
@@ -251,7 +251,7 @@ pub async fn start(
             }
         }
     });
-    Ok(Some(first))
+    Ok(())
 }
 
 /// Asks the DNS server at `server` for `name` `rtype` over UDP (TCP when the answer is

@@ -405,13 +405,8 @@ fn encode_udp(reply: &Reply, request: &Request, out: &mut Vec<u8>) {
     enc.set_max_size(reply.edns.as_ref().map_or(512, Edns::max_payload));
     if resp.destructive_emit(&mut enc).is_err() {
         out.clear();
-        let mut meta = Metadata::response_from_request(&request.metadata);
-        meta.response_code = ResponseCode::ServFail;
-        let header = hickory_proto::op::Header {
-            metadata: meta,
-            counts: Default::default(),
-        };
         let mut enc = BinEncoder::new(out);
+        let header = servfail_header(request);
         if hickory_proto::serialize::binary::BinEncodable::emit(&header, &mut enc).is_err() {
             out.clear();
         }
@@ -461,13 +456,18 @@ impl RequestHandler for Handler {
     }
 }
 
-fn serve_failed(request: &Request) -> ResponseInfo {
+/// A SERVFAIL response to `request`, header only.
+fn servfail_header(request: &Request) -> hickory_proto::op::Header {
     let mut meta = Metadata::response_from_request(&request.metadata);
     meta.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(hickory_proto::op::Header {
+    hickory_proto::op::Header {
         metadata: meta,
         counts: Default::default(),
-    })
+    }
+}
+
+fn serve_failed(request: &Request) -> ResponseInfo {
+    ResponseInfo::from(servfail_header(request))
 }
 
 /// How long a TCP client may stay idle.

@@ -35,16 +35,12 @@ pub fn recv_batch(
     )
     .map_err(io::Error::from)?;
     for m in received {
-        if m.flags.contains(MsgFlags::MSG_TRUNC) {
-            // Keep the slot so lengths stay in step with buffers; nothing is answered.
-            got.push((0, SocketAddr::from(([0, 0, 0, 0], 0))));
-            continue;
-        }
+        // A dropped datagram keeps its slot (length 0), so entries stay in step with buffers.
         let from = m.address.as_ref().and_then(std_addr);
-        got.push((
-            if from.is_some() { m.bytes } else { 0 },
-            from.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-        ));
+        got.push(match from {
+            Some(from) if !m.flags.contains(MsgFlags::MSG_TRUNC) => (m.bytes, from),
+            _ => (0, SocketAddr::from(([0, 0, 0, 0], 0))),
+        });
     }
     Ok(())
 }

@@ -92,6 +92,33 @@ pub fn uc_ok(c: &Cluster, i: usize, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Waits at most `within` until every machine's DNS (`uc dns lookup` on it) answers `name`
+/// with NXDOMAIN.
+pub fn nxdomain_everywhere(c: &Cluster, name: &str, within: Duration) -> anyhow::Result<()> {
+    let mut gone = vec![false; c.len()];
+    eventually(
+        within,
+        &format!("{name} NXDOMAIN on every machine within {within:?}"),
+        || {
+            for (i, g) in gone.iter_mut().enumerate() {
+                if !*g {
+                    let v: Value = serde_json::from_str(&uc_ok(
+                        c,
+                        i,
+                        &["-o", "json", "dns", "lookup", name],
+                    )?)?;
+                    *g = v["response_code"] == "Non-Existent Domain";
+                }
+            }
+            anyhow::ensure!(
+                gone.iter().all(|g| *g),
+                "answered on {gone:?} (true: NXDOMAIN)"
+            );
+            Ok(())
+        },
+    )
+}
+
 /// Waits until `machines` all have the same state dump and heads digest; returns the dump.
 pub fn converged(c: &Cluster, machines: &[usize]) -> anyhow::Result<Value> {
     eventually(SETTLE, "identical state on every machine", || {

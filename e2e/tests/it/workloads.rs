@@ -14,7 +14,7 @@ use uc_e2e::dockerd::{Dockerd, HostNetFacts};
 use uc_e2e::workloads::{demo_image, mounts_under, processes_mentioning};
 use uc_e2e::{Cluster, ClusterBuilder, eventually};
 
-use crate::{uc_ok, with_cluster};
+use crate::{nxdomain_everywhere, uc_ok, with_cluster};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -216,28 +216,7 @@ fn nspawn_replicas_serve_http_across_the_mesh_and_rm_leaves_nothing() -> anyhow:
 
         uc_ok(c, 2, &["rm", "web"])?;
         // Its name is gone on every machine within 1 s.
-        let mut gone = [false; 3];
-        eventually(
-            Duration::from_secs(1),
-            "web.internal NXDOMAIN everywhere within 1 s",
-            || {
-                for (i, g) in gone.iter_mut().enumerate() {
-                    if !*g {
-                        let v: Value = serde_json::from_str(&uc_ok(
-                            c,
-                            i,
-                            &["-o", "json", "dns", "lookup", "web.internal"],
-                        )?)?;
-                        *g = v["response_code"] == "Non-Existent Domain";
-                    }
-                }
-                ensure!(
-                    gone.iter().all(|g| *g),
-                    "answered on {gone:?} (true: NXDOMAIN)"
-                );
-                Ok(())
-            },
-        )?;
+        nxdomain_everywhere(c, "web.internal", Duration::from_secs(1))?;
         uc_ok(c, 0, &["rm", "client"])?;
         eventually(WAIT, "nothing left of web", || {
             ensure!(ps(c, 0)?.is_empty(), "ps not empty");
