@@ -51,9 +51,6 @@ pub struct Args {
     /// Name of the mesh's WireGuard interface.
     #[arg(long, env = "UCD_WG_INTERFACE")]
     pub wg_interface: Option<String>,
-    /// Worker threads of the userspace WireGuard.
-    #[arg(long, env = "UCD_WG_THREADS")]
-    pub wg_threads: Option<usize>,
     /// Port of the DNS server on the machine's mesh address (UDP and TCP).
     #[arg(long, env = "UCD_DNS_PORT")]
     pub dns_port: Option<u16>,
@@ -172,7 +169,6 @@ struct FileConfig {
     join_port: Option<u16>,
     wg_port: Option<u16>,
     wg_interface: Option<String>,
-    wg_threads: Option<usize>,
     dns_port: Option<u16>,
     dns_upstreams: Option<Vec<String>>,
     docker_host: Option<String>,
@@ -213,7 +209,6 @@ pub struct Config {
     pub join_port: u16,
     pub wg_port: u16,
     pub wg_interface: String,
-    pub wg_threads: usize,
     pub dns_port: u16,
     pub dns_upstreams: Vec<SocketAddr>,
     pub docker_host: String,
@@ -331,12 +326,6 @@ impl Args {
                 "invalid --wg-interface {wg_interface:?}: 1 to 15 letters, digits, '-' or '_'"
             ));
         }
-        let wg_threads = self.wg_threads.or(file.wg_threads).unwrap_or(2);
-        if !(1..=16).contains(&wg_threads) {
-            problems.push(format!(
-                "--wg-threads {wg_threads} is out of range (1 to 16)"
-            ));
-        }
         for tag in &tags {
             if let Err(e) = validate_tag(tag) {
                 problems.push(e);
@@ -428,7 +417,6 @@ impl Args {
                 .unwrap_or(uc_proto::DEFAULT_JOIN_PORT),
             wg_port,
             wg_interface,
-            wg_threads,
             dns_port: self.dns_port.or(file.dns_port).unwrap_or(53),
             dns_upstreams,
             docker_host: self

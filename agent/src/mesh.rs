@@ -126,13 +126,8 @@ impl Mesh {
         } else {
             "no WireGuard kernel module".to_string()
         };
-        let device = UserspaceDevice::create(
-            &cfg.wg_interface,
-            &keys.private,
-            cfg.wg_port,
-            cfg.wg_threads,
-        )
-        .with_context(|| {
+        let device = UserspaceDevice::create(&cfg.wg_interface, &keys.private, cfg.wg_port)
+            .with_context(|| {
             format!(
                 "starting WireGuard (userspace) on {}, port {}/udp",
                 cfg.wg_interface, cfg.wg_port

@@ -402,13 +402,11 @@ fn main() -> anyhow::Result<()> {
     let boringtun = find_boringtun(&args.boringtun_cli)
         .context("boringtun-cli not found (cargo install boringtun-cli; bench/mesh.sh does)")?;
 
-    // Two machines, no underlay firewall (iperf3 runs over the raw link too), userspace
-    // WireGuard with 2 threads as ucd runs by default.
+    // Two machines, no underlay firewall (iperf3 runs over the raw link too).
     let c = Cluster::start(
         ClusterBuilder::new(2)
             .bin_dir(&bin_dir)
-            .underlay_firewall(false)
-            .wg_threads(2),
+            .underlay_firewall(false),
     )?;
     let (a, b) = (c.machine(0).netns.clone(), c.machine(1).netns.clone());
     let ns = (a.as_str(), b.as_str());
@@ -421,7 +419,7 @@ fn main() -> anyhow::Result<()> {
     let mut paths: Vec<(&str, Ipv4Addr, Vec<u32>)> = vec![
         ("raw veth (no tunnel)", underlay.1, vec![]),
         (
-            "uc mesh (ucd, boringtun device, 2 threads)",
+            "uc mesh (ucd: batched, TUN offloads, UDP GSO/GRO)",
             c.mesh_ip(1)?,
             (0..2).filter_map(|i| c.machine(i).pid()).collect(),
         ),

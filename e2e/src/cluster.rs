@@ -63,7 +63,6 @@ pub struct ClusterBuilder {
     bin_dir: Option<PathBuf>,
     extra_args: Vec<String>,
     machine_args: std::collections::BTreeMap<usize, Vec<String>>,
-    wg_threads: usize,
     placeholder_agents: bool,
     firewall: Option<bool>,
     timeout: Duration,
@@ -78,7 +77,6 @@ impl ClusterBuilder {
             bin_dir: None,
             extra_args: Vec::new(),
             machine_args: Default::default(),
-            wg_threads: 1,
             placeholder_agents: false,
             firewall: None,
             timeout: Duration::from_secs(60),
@@ -123,12 +121,6 @@ impl ClusterBuilder {
             .entry(i)
             .or_default()
             .extend(args.iter().map(|a| a.to_string()));
-        self
-    }
-
-    /// Userspace WireGuard threads per agent (default 1: several machines share 2 cores here).
-    pub fn wg_threads(mut self, n: usize) -> Self {
-        self.wg_threads = n;
         self
     }
 
@@ -207,7 +199,6 @@ pub struct Cluster {
     bins: Option<Bins>,
     extra_args: Vec<String>,
     machine_args: std::collections::BTreeMap<usize, Vec<String>>,
-    wg_threads: usize,
     placeholder: bool,
     firewall: bool,
     timeout: Duration,
@@ -315,7 +306,6 @@ impl Cluster {
             bins,
             extra_args: b.extra_args.clone(),
             machine_args: b.machine_args.clone(),
-            wg_threads: b.wg_threads,
             placeholder: b.placeholder_agents,
             firewall: b.firewall.unwrap_or(!b.placeholder_agents),
             timeout: b.timeout,
@@ -514,8 +504,6 @@ impl Cluster {
             m.name.clone(),
             "--advertise-addr".into(),
             m.ip.to_string(),
-            "--wg-threads".into(),
-            self.wg_threads.to_string(),
         ];
         args.extend(self.extra_args.iter().cloned());
         args.extend(self.machine_args.get(&i).into_iter().flatten().cloned());

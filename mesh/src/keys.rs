@@ -99,9 +99,8 @@ impl PrivateKey {
         let secret = x25519::StaticSecret::from(self.0);
         PublicKey(*x25519::PublicKey::from(&secret).as_bytes())
     }
-    /// Lower-case hex for the UAPI protocol. Never log this.
-    pub fn to_hex_secret(&self) -> String {
-        hex::encode(self.0)
+    pub(crate) fn to_x25519(&self) -> x25519::StaticSecret {
+        x25519::StaticSecret::from(self.0)
     }
     fn to_base64_secret(&self) -> String {
         STANDARD.encode(self.0)
@@ -214,7 +213,7 @@ mod tests {
         let k = KeyPair::generate().unwrap();
         let shown = format!("{k:?}");
         assert!(!shown.contains(&k.private.to_base64_secret()), "{shown}");
-        assert!(!shown.contains(&k.private.to_hex_secret()), "{shown}");
+        assert!(!shown.contains(&hex::encode(k.private.0)), "{shown}");
         assert!(shown.contains("redacted"));
     }
 

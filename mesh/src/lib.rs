@@ -1,10 +1,11 @@
 //! The uc mesh: a flat WireGuard network over the cluster's machines.
 //!
-//! A pure core ([`plan`], [`diff`], [`uapi`], [`endpoint`], [`addr`]) turns the
+//! A pure core ([`plan`], [`diff`], [`endpoint`], [`addr`]) turns the
 //! cluster state into the interface this machine should have and into the
 //! smallest set of peer changes that gets it there; it does no I/O and is
 //! tested without root. Around it, I/O shells: [`keys`] (the private key file),
-//! [`device`] (the WireGuard backends behind one trait) and [`netlink`]
+//! [`device`] (the WireGuard backends behind one trait), [`userspace`] (uc's
+//! batched userspace WireGuard) and [`netlink`]
 //! (addresses and link state through rtnetlink).
 
 pub mod addr;
@@ -14,7 +15,7 @@ pub mod endpoint;
 pub mod keys;
 pub mod netlink;
 pub mod plan;
-pub mod uapi;
+pub mod userspace;
 
 pub use addr::{AllowedIp, MeshAddressing};
 pub use device::{Backend, DeviceStatus, MeshDevice, PeerStatus, UserspaceDevice};

@@ -304,7 +304,7 @@ fn an_outsider_with_its_own_key_reaches_nothing() -> anyhow::Result<()> {
         let start = |keys: uc_mesh::KeyPair, addr: Ipv4Addr, ops: Vec<uc_mesh::PeerOp>| {
             move || -> anyhow::Result<uc_mesh::UserspaceDevice> {
                 use uc_mesh::MeshDevice;
-                let mut dev = uc_mesh::UserspaceDevice::create("ucx0", &keys.private, 51820, 1)?;
+                let mut dev = uc_mesh::UserspaceDevice::create("ucx0", &keys.private, 51820)?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
