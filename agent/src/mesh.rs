@@ -128,11 +128,11 @@ impl Mesh {
         };
         let device = UserspaceDevice::create(&cfg.wg_interface, &keys.private, cfg.wg_port)
             .with_context(|| {
-            format!(
-                "starting WireGuard (userspace) on {}, port {}/udp",
-                cfg.wg_interface, cfg.wg_port
-            )
-        })?;
+                format!(
+                    "starting WireGuard (userspace) on {}, port {}/udp",
+                    cfg.wg_interface, cfg.wg_port
+                )
+            })?;
         let addresses = plan.addresses();
         uc_mesh::netlink::configure(&cfg.wg_interface, &addresses, uc_mesh::MTU)
             .await

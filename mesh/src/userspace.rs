@@ -17,7 +17,8 @@
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -43,15 +44,16 @@ use crate::keys::{PrivateKey, PublicKey};
 const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// How often every peer's timers run (boringtun's device uses the same).
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// How long a blocked thread waits before it looks at the stop flag.
-const POLL_MS: u16 = 200;
 /// Largest IP packet on the interface, with room to spare for any MTU up
 /// to the usual Ethernet one.
 const MAX_PACKET: usize = 1500;
 /// WireGuard's data overhead (header and tag) plus the padding to 16.
 const OVERHEAD: usize = 32 + 16;
-/// One UDP GSO or GRO buffer: 64 KiB.
+/// One UDP GRO buffer, and one TUN read: 64 KiB.
 const GSO_BUF: usize = 65535;
+/// The most one UDP GSO send carries: an IPv4 datagram's payload is at
+/// most 65,507 bytes.
+const GSO_MAX_BYTES: usize = 65_000;
 /// Datagram buffers handed to one `recvmmsg`.
 const RECV_BUFS: usize = 4;
 /// Kernel socket buffers for the UDP socket (forced past the sysctl
@@ -135,6 +137,9 @@ struct Shared {
     listen_port: u16,
     peers: RwLock<Peers>,
     stop: AtomicBool,
+    /// Readable once the device is dropped (its other end is closed), so
+    /// threads blocked in `poll` wake at once and idle ones never spin.
+    stopped: UnixStream,
     /// Datagrams dropped on arrival (garbage, unknown peers, bad sources).
     dropped: AtomicU64,
 }
@@ -164,14 +169,15 @@ impl Shared {
             src_ip: None,
         };
         loop {
-            match self.udp_state.try_send(UdpSockRef::from(&self.udp), &transmit) {
+            match self
+                .udp_state
+                .try_send(UdpSockRef::from(&self.udp), &transmit)
+            {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.stop.load(Ordering::Relaxed) {
+                    if !self.wait(self.udp.as_fd(), PollFlags::POLLOUT) {
                         return;
                     }
-                    let mut fds = [PollFd::new(self.udp.as_fd(), PollFlags::POLLOUT)];
-                    let _ = poll(&mut fds, PollTimeout::from(POLL_MS));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -190,14 +196,29 @@ impl Shared {
         }
     }
 
-    /// Waits until `fd` is readable or the poll times out; false once the
-    /// device is stopping.
-    fn wait_readable(&self, fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    /// Waits until `fd` is ready for `what`; false once the device is
+    /// stopping.
+    fn wait(&self, fd: BorrowedFd<'_>, what: PollFlags) -> bool {
+        self.sleep(Some((fd, what)), PollTimeout::NONE)
+    }
+
+    /// Waits for `fd` (if any) or `timeout`; false once the device is
+    /// stopping.
+    fn sleep(&self, fd: Option<(BorrowedFd<'_>, PollFlags)>, timeout: PollTimeout) -> bool {
         if self.stop.load(Ordering::Relaxed) {
             return false;
         }
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::from(POLL_MS));
+        let stopped = PollFd::new(self.stopped.as_fd(), PollFlags::POLLIN);
+        let r = match fd {
+            Some((fd, what)) => poll(&mut [PollFd::new(fd, what), stopped], timeout),
+            None => poll(&mut [stopped], timeout),
+        };
+        if let Err(e) = r
+            && e != nix::errno::Errno::EINTR
+        {
+            tracing::warn!(interface = %self.name, error = %e, "poll failed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         !self.stop.load(Ordering::Relaxed)
     }
 }
@@ -206,6 +227,8 @@ impl Shared {
 pub struct UserspaceDevice {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Closed on drop, which wakes every thread.
+    stop_signal: Option<UnixStream>,
 }
 
 impl UserspaceDevice {
@@ -235,6 +258,8 @@ impl UserspaceDevice {
             .map_err(|e| err(format!("TUN device: {e}")))?;
         tun.set_nonblocking(true)
             .map_err(|e| err(format!("TUN device: {e}")))?;
+        let (stop_signal, stopped) =
+            UnixStream::pair().map_err(|e| err(format!("socket pair: {e}")))?;
         let secret = private.to_x25519();
         let public = x25519::PublicKey::from(&secret);
         let shared = Arc::new(Shared {
@@ -249,6 +274,7 @@ impl UserspaceDevice {
             listen_port,
             peers: RwLock::new(Peers::new()),
             stop: AtomicBool::new(false),
+            stopped,
             dropped: AtomicU64::new(0),
         });
         tracing::info!(
@@ -272,7 +298,11 @@ impl UserspaceDevice {
                 .map_err(|e| err(format!("starting its {what} thread: {e}")))?;
             threads.push(t);
         }
-        Ok(UserspaceDevice { shared, threads })
+        Ok(UserspaceDevice {
+            shared,
+            threads,
+            stop_signal: Some(stop_signal),
+        })
     }
 
     /// Datagrams dropped on arrival since the start: garbage, unknown peers,
@@ -285,6 +315,7 @@ impl UserspaceDevice {
 impl Drop for UserspaceDevice {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.stop_signal.take();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -417,7 +448,7 @@ struct Run {
 impl Run {
     fn new(max_segments: usize) -> Run {
         Run {
-            buf: vec![0; GSO_BUF + MAX_PACKET + OVERHEAD],
+            buf: vec![0; GSO_MAX_BYTES + MAX_PACKET + OVERHEAD],
             len: 0,
             segment: 0,
             count: 0,
@@ -437,7 +468,7 @@ impl Run {
             || (!self.closed
                 && n <= self.segment
                 && self.count < self.max_segments
-                && self.len + n <= GSO_BUF)
+                && self.len + n <= GSO_MAX_BYTES)
     }
 
     /// Takes the `n` bytes written at the tail into the run.
@@ -454,10 +485,10 @@ impl Run {
     /// Sends the run (if any) and starts afresh, keeping `keep` bytes that
     /// were written at the tail and did not fit.
     fn flush(&mut self, s: &Shared, to: Option<SocketAddr>, keep: usize) {
-        if self.count > 0 {
-            if let Some(to) = to {
-                s.send(to, &self.buf[..self.len], Some(self.segment));
-            }
+        if self.count > 0
+            && let Some(to) = to
+        {
+            s.send(to, &self.buf[..self.len], Some(self.segment));
         }
         if keep > 0 {
             self.buf.copy_within(self.len..self.len + keep, 0);
@@ -474,7 +505,7 @@ fn outbound(s: &Shared) {
     let mut bufs = vec![vec![0u8; MAX_PACKET]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut run = Run::new(s.udp_state.max_gso_segments());
-    while s.wait_readable(s.tun.as_fd()) {
+    while s.wait(s.tun.as_fd(), PollFlags::POLLIN) {
         loop {
             let n = match s.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
                 Ok(n) => n,
@@ -561,10 +592,11 @@ impl ToTun {
         if self.count == 0 {
             return;
         }
-        if let Err(e) = s
-            .tun
-            .send_multiple(&mut self.gro, &mut self.bufs[..self.count], VIRTIO_NET_HDR_LEN)
-        {
+        if let Err(e) = s.tun.send_multiple(
+            &mut self.gro,
+            &mut self.bufs[..self.count],
+            VIRTIO_NET_HDR_LEN,
+        ) {
             tracing::debug!(interface = %s.name, error = %e, "writing to the TUN device");
         }
         self.count = 0;
@@ -577,12 +609,15 @@ fn inbound(s: &Shared) {
     let mut meta = vec![RecvMeta::default(); RECV_BUFS];
     let mut to_tun = ToTun::new();
     let mut scratch = vec![0u8; GSO_BUF];
-    while s.wait_readable(s.udp.as_fd()) {
+    while s.wait(s.udp.as_fd(), PollFlags::POLLIN) {
         loop {
             let n = {
                 let mut iovs: Vec<IoSliceMut<'_>> =
                     storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                match s.udp_state.recv(UdpSockRef::from(&s.udp), &mut iovs, &mut meta) {
+                match s
+                    .udp_state
+                    .recv(UdpSockRef::from(&s.udp), &mut iovs, &mut meta)
+                {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -657,11 +692,8 @@ fn receive(
         TunnResult::WriteToNetwork(reply) => {
             s.send(from, reply, None);
             // Packets that waited for this handshake go now.
-            loop {
-                match tunn.decapsulate(None, &[], scratch) {
-                    TunnResult::WriteToNetwork(queued) => s.send(from, queued, None),
-                    _ => break,
-                }
+            while let TunnResult::WriteToNetwork(queued) = tunn.decapsulate(None, &[], scratch) {
+                s.send(from, queued, None);
             }
             peer.seen_at(from);
             true
@@ -700,8 +732,7 @@ fn accept(peer: &Peer, from: SocketAddr, src: IpAddr, len: usize, to_tun: &mut T
 fn timers(s: &Shared) {
     let mut buf = vec![0u8; MAX_PACKET + OVERHEAD];
     let mut window = Instant::now();
-    while !s.stop.load(Ordering::Relaxed) {
-        std::thread::sleep(TIMER_TICK);
+    while s.sleep(None, PollTimeout::from(TIMER_TICK.as_millis() as u16)) {
         if window.elapsed() >= Duration::from_secs(1) {
             s.limiter.reset_count();
             window = Instant::now();

@@ -115,8 +115,8 @@ fn configured_addresses_can_be_bound_at_once() {
     let v4: std::net::IpAddr = "10.210.7.1".parse().unwrap();
     let v6: std::net::IpAddr = "fd12:3456:789a:0:1:2:3:4".parse().unwrap();
     let (dev, bound) = ns.run(|| {
-        let dev = UserspaceDevice::create("uct2", &KeyPair::generate().unwrap().private, 51840)
-            .unwrap();
+        let dev =
+            UserspaceDevice::create("uct2", &KeyPair::generate().unwrap().private, 51840).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -234,8 +234,12 @@ fn pair() -> Pair {
                 .build()
                 .unwrap();
             let ip = std::net::IpAddr::from([10, 210, x, 1]);
-            rt.block_on(uc_mesh::netlink::configure("uct3", &[(ip, 16)], uc_mesh::MTU))
-                .unwrap();
+            rt.block_on(uc_mesh::netlink::configure(
+                "uct3",
+                &[(ip, 16)],
+                uc_mesh::MTU,
+            ))
+            .unwrap();
             dev
         })
     };
@@ -284,10 +288,9 @@ fn two_devices_carry_tcp_and_udp_intact_in_both_directions() {
     let (up, down) = (payload(24 << 20, 1), payload(16 << 20, 2));
     let server = digest_server(&p.b.0, 5001, down.clone());
     let sent = up.clone();
-    let back = p
-        .a
-        .run(move || tcp_exchange("10.210.2.1:5001".parse().unwrap(), &sent))
-        .expect("TCP through the tunnel");
+    let back =
+        p.a.run(move || tcp_exchange("10.210.2.1:5001".parse().unwrap(), &sent))
+            .expect("TCP through the tunnel");
     server.join().unwrap();
     assert_eq!(back.len(), 32 + down.len());
     assert_eq!(back[..32], sha256(&up)[..], "what A sent arrived changed");
@@ -318,7 +321,10 @@ fn two_devices_carry_tcp_and_udp_intact_in_both_directions() {
     let got = udp_server.join().unwrap();
     assert!(got.len() >= 95, "{} of 100 datagrams arrived", got.len());
     for d in &got {
-        assert!(d.len() == 1200 && d.iter().all(|b| *b == d[0]), "a datagram changed");
+        assert!(
+            d.len() == 1200 && d.iter().all(|b| *b == d[0]),
+            "a datagram changed"
+        );
     }
 
     // Each side reports the other with a handshake and the bytes moved.
@@ -326,7 +332,10 @@ fn two_devices_carry_tcp_and_udp_intact_in_both_directions() {
     let st = dev_a.status().unwrap();
     let peer = st.peers.iter().find(|x| x.public_key == p.key_b).unwrap();
     assert!(peer.last_handshake_age.is_some());
-    assert!(peer.tx_bytes > 24 << 20 && peer.rx_bytes > 16 << 20, "{peer:?}");
+    assert!(
+        peer.tx_bytes > 24 << 20 && peer.rx_bytes > 16 << 20,
+        "{peer:?}"
+    );
     drop(dev_a);
     drop(p.dev_b);
 }
@@ -347,7 +356,10 @@ fn a_peer_sending_from_outside_its_allowed_ips_is_dropped() {
     let before = p.dev_b.dropped();
     let r =
         p.a.run(|| tcp_exchange("10.210.2.1:5003".parse().unwrap(), b"hello"));
-    assert!(r.is_err(), "a connection through the tunnel succeeded: {r:?}");
+    assert!(
+        r.is_err(),
+        "a connection through the tunnel succeeded: {r:?}"
+    );
     assert!(p.dev_b.dropped() > before, "B dropped nothing");
     // The handshake itself succeeded: only the inner packets were refused.
     let st = p.dev_b.status().unwrap();
