@@ -336,7 +336,7 @@ impl MeshDevice for UserspaceDevice {
                 PeerOp::Add(k, config) => {
                     peers.remove(k);
                     let index = peers.free_index();
-                    let tunn = Tunn::new(
+                    let mut tunn = Tunn::new(
                         s.secret.clone(),
                         x25519::PublicKey::from(*k.as_bytes()),
                         None,
@@ -344,6 +344,17 @@ impl MeshDevice for UserspaceDevice {
                         index,
                         Some(Arc::clone(&s.limiter)),
                     );
+                    // A new peer with an address is greeted at once, as
+                    // the kernel does for a peer with a keepalive: its
+                    // tunnel is up before the first packet needs it.
+                    if let Some(to) = config.endpoint {
+                        let mut buf = [0u8; 256];
+                        if let TunnResult::WriteToNetwork(init) =
+                            tunn.format_handshake_initiation(&mut buf, false)
+                        {
+                            s.send(to, init, None);
+                        }
+                    }
                     let mut sources = AllowedIps::new();
                     for ip in &config.allowed_ips {
                         sources.insert(ip.addr, u32::from(ip.prefix), ());
