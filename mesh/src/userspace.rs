@@ -251,6 +251,7 @@ impl UserspaceDevice {
         let udp_state = UdpSocketState::new(UdpSockRef::from(&udp))
             .map_err(|e| err(format!("UDP socket: {e}")))?;
         grow_buffers(&udp, &udp_state);
+        allow_fragments(&udp, dual_stack);
         let tun = tun_rs::DeviceBuilder::new()
             .name(name)
             .offload(true)
@@ -431,6 +432,21 @@ fn grow_buffers(udp: &std::net::UdpSocket, state: &UdpSocketState) {
     }
     if setsockopt(udp, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
         let _ = state.set_send_buffer_size(UdpSockRef::from(udp), SOCKET_BUFFER);
+    }
+}
+
+/// quinn-udp forbids fragmenting what the socket sends (QUIC probes the
+/// path's MTU itself); WireGuard does not, and a tunnel whose interface
+/// MTU is larger than the underlay's (PPPoE's 1,492, say) would lose every
+/// full-sized packet. Back to the kernel's default: fragment when the
+/// route needs it.
+fn allow_fragments(udp: &std::net::UdpSocket, dual_stack: bool) {
+    use rustix::net::sockopt::{
+        Ipv4PathMtuDiscovery, Ipv6PathMtuDiscovery, set_ip_mtu_discover, set_ipv6_mtu_discover,
+    };
+    let _ = set_ip_mtu_discover(udp, Ipv4PathMtuDiscovery::WANT);
+    if dual_stack {
+        let _ = set_ipv6_mtu_discover(udp, Ipv6PathMtuDiscovery::WANT);
     }
 }
 

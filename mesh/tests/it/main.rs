@@ -184,6 +184,7 @@ fn tcp_exchange(to: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(3))?;
     c.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+    c.set_write_timeout(Some(std::time::Duration::from_secs(20)))?;
     c.write_all(data)?;
     c.shutdown(std::net::Shutdown::Write)?;
     let mut back = Vec::new();
@@ -271,6 +272,8 @@ fn digest_server(ns: &str, port: u16, reply: Vec<u8>) -> std::thread::JoinHandle
         let l = std::net::TcpListener::bind(("10.210.2.1", port)).unwrap();
         tx.send(()).unwrap();
         let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
         let mut got = Vec::new();
         c.read_to_end(&mut got).unwrap();
         c.write_all(&sha256(&got)).unwrap();
@@ -365,4 +368,28 @@ fn a_peer_sending_from_outside_its_allowed_ips_is_dropped() {
     let st = p.dev_b.status().unwrap();
     let peer = st.peers.iter().find(|x| x.public_key == p.key_a).unwrap();
     assert!(peer.last_handshake_age.is_some(), "{peer:?}");
+}
+
+#[test]
+fn an_underlay_with_a_smaller_mtu_still_carries_full_sized_packets() {
+    // Behind PPPoE, say: 1,400 bytes on the wire, while the tunnel sends
+    // 1,420-byte packets that become 1,480-byte datagrams. They must be
+    // fragmented, not dropped.
+    let p = pair();
+    for (ns, link) in [(&p.a, "ucva"), (&p.b, "ucvb")] {
+        let ok = Command::new("ip")
+            .args(["-n", &ns.0, "link", "set", link, "mtu", "1400"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let up = payload(4 << 20, 3);
+    let server = digest_server(&p.b.0, 5004, b"ok".to_vec());
+    let sent = up.clone();
+    let back =
+        p.a.run(move || tcp_exchange("10.210.2.1:5004".parse().unwrap(), &sent))
+            .expect("TCP through the tunnel over a 1,400-byte underlay");
+    server.join().unwrap();
+    assert_eq!(back[..32], sha256(&up)[..]);
+    assert_eq!(&back[32..], b"ok");
 }
