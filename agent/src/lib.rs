@@ -268,10 +268,14 @@ async fn serve(
     }
 
     let tracker = TaskTracker::new();
-    // Runtimes are probed before gossip starts, so that its first word says which work here.
-    let workloads = workloads::Workloads::new(node.clone()).await;
+    // Runtimes are probed before gossip starts, so that its first word says which work here;
+    // the mesh comes up meanwhile (other machines' handshakes wait for it).
+    let (workloads, mesh) = tokio::join!(
+        workloads::Workloads::new(node.clone()),
+        mesh::Mesh::start(node, keys)
+    );
     let _ = node.workloads.set(workloads.clone());
-    let mesh = mesh::Mesh::start(node, keys).await?;
+    let mesh = mesh?;
     let _ = node.mesh.set(mesh.clone());
     mesh.spawn(node.clone(), &tracker, shutdown.clone());
     // Gossip, sync and the peer API live on the management address.
