@@ -3,8 +3,8 @@
 //! latency and CPU seconds per GB moved, over the raw veth link, over uc's
 //! mesh (the real agents), over wireguard-go and over Cloudflare's stock
 //! boringtun-cli (each configured with `wg`, MTU 1420). Then the time from a
-//! new machine's key appearing in the state (its join) until every other
-//! machine has a WireGuard session with it. Prints a Markdown section and,
+//! new machine's key appearing in the state (its join) until a first packet
+//! from every other machine has gone through its tunnel (and back). Prints a Markdown section and,
 //! with `--out`, writes it into docs/benchmarks.md between the `mesh` markers.
 
 use std::io::Write;
@@ -342,9 +342,24 @@ fn join_to_tunnel(bin_dir: &PathBuf, joins: usize) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::new();
     for _ in 0..joins {
         let others = c.running();
+        let addr = next_machine_addr(&c, others[0])?;
         let new = c.add_namespace()?;
+        // Every other machine pings the new machine's mesh address every
+        // 5 ms from before the join: the first reply is the first packet
+        // through the tunnel (until then the device has no peer to send to).
+        let probes = others
+            .iter()
+            .map(|&i| {
+                Command::new("ip")
+                    .args(["netns", "exec", &c.machine(i).netns, "ping", "-D", "-n"])
+                    .args(["-c", "1", "-i", "0.005", "-w", "30", &addr.to_string()])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting ping")
+            })
+            .collect::<anyhow::Result<Vec<Child>>>()?;
         c.start_joiner(new)?;
-        let name = c.machine(new).name.clone();
         // The join answer is logged by the joiner as soon as it holds the state with its key.
         let joined_at = eventually(Duration::from_secs(30), "the join", || {
             let log = std::fs::read_to_string(&c.machine(new).log)?;
@@ -356,29 +371,57 @@ fn join_to_tunnel(bin_dir: &PathBuf, joins: usize) -> anyhow::Result<Vec<f64>> {
         })?;
         let t0 = parse_log_time(&joined_at).context("log time")?;
         let mut last = 0f64;
-        for &i in &others {
-            let seen = eventually(
-                Duration::from_secs(30),
-                "a session with the new machine",
-                || {
-                    let w = c.wg_show(i)?;
-                    let p = w["peers"]
-                        .as_array()
-                        .and_then(|ps| ps.iter().find(|p| p["machine"] == name.as_str()))
-                        .context("not a peer yet")?;
-                    p["last_handshake_age_secs"]
-                        .as_u64()
-                        .context("no handshake yet")?;
-                    Ok(uc_bench::unix_ns() as f64 / 1e9)
-                },
-            )?;
-            last = last.max(seen);
+        for (probe, &i) in probes.into_iter().zip(&others) {
+            let output = probe.wait_with_output()?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let first = text
+                .lines()
+                .find(|l| l.contains("bytes from"))
+                .and_then(|l| l.strip_prefix('['))
+                .and_then(|l| l.split(']').next())
+                .and_then(|t| t.parse::<f64>().ok())
+                .with_context(|| {
+                    format!(
+                        "{} never reached {addr} through the mesh",
+                        c.machine(i).name
+                    )
+                })?;
+            last = last.max(first);
         }
-        // The poll above sees a session up to a poll late; its own figure is an upper bound.
+        let got = c.machines_seen_by(new)?;
+        let name = c.machine(new).name.clone();
+        let subnet = got
+            .iter()
+            .find(|m| m["name"] == name.as_str())
+            .and_then(|m| m["subnet"].as_str())
+            .unwrap_or("");
+        if subnet_index(subnet) != Some(addr.octets()[2]) {
+            bail!("{name} got {subnet}, not the /24 of {addr} that was pinged");
+        }
         out.push((last - t0) * 1000.0);
         c.wait_membership()?;
     }
     Ok(out)
+}
+
+/// The mesh address the next machine to join gets: the first of the
+/// lowest free /24, as the cluster state allots them.
+fn next_machine_addr(c: &Cluster, i: usize) -> anyhow::Result<Ipv4Addr> {
+    let taken: Vec<u8> = c
+        .machines_seen_by(i)?
+        .iter()
+        .filter_map(|m| subnet_index(m["subnet"].as_str()?))
+        .collect();
+    let x = (1..=254u8)
+        .find(|x| !taken.contains(x))
+        .context("no free /24")?;
+    Ok(Ipv4Addr::new(10, 210, x, 1))
+}
+
+/// X in `10.210.X.0/24`.
+fn subnet_index(subnet: &str) -> Option<u8> {
+    let ip: Ipv4Addr = subnet.split('/').next()?.parse().ok()?;
+    Some(ip.octets()[2])
 }
 
 /// Parses the RFC 3339 timestamp at the start of a log line (`2026-11-23T20:41:40.420664Z`)
@@ -504,7 +547,7 @@ fn render(paths: &[PathFigures], joins: &[f64], args: &Args) -> String {
         ));
     }
     s.push_str(&format!(
-        "\nJoin to tunnel: a machine joins a running cluster ({} joins, one after the other, starting from 3 machines); time from the join answer (its key is in the state) until every other machine has a WireGuard session with it, seen by polling `uc wg show` (so up to one poll late): median {:.0} ms, max {:.0} ms.\n",
+        "\nJoin to tunnel: a machine joins a running cluster ({} joins, one after the other, starting from 3 machines); time from the join answer (its key is in the state) until a packet from every other machine has gone through its tunnel and back (the first reply to pings sent every 5 ms from each of them to its mesh address, from before the join): median {:.0} ms, max {:.0} ms.\n",
         joins.len(),
         percentile(joins, 50.0),
         percentile(joins, 100.0)
