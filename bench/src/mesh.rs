@@ -4,8 +4,9 @@
 //! mesh (the real agents), over wireguard-go and over Cloudflare's stock
 //! boringtun-cli (each configured with `wg`, MTU 1420). Then the time from a
 //! new machine's key appearing in the state (its join) until a first packet
-//! from every other machine has gone through its tunnel (and back). Prints a Markdown section and,
-//! with `--out`, writes it into docs/benchmarks.md between the `mesh` markers.
+//! from every other machine has gone through its tunnel (and back). Prints a
+//! Markdown section and, with `--out`, writes it into docs/benchmarks.md
+//! between the `mesh` markers.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -72,13 +73,19 @@ fn exec(ns: &str, argv: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn spawn_in(ns: &str, argv: &[&str]) -> anyhow::Result<Child> {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
+/// `argv` to run inside namespace `ns`, its standard streams closed.
+fn in_ns(ns: &str, argv: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn spawn_in(ns: &str, argv: &[&str]) -> anyhow::Result<Child> {
+    in_ns(ns, argv)
         .spawn()
         .with_context(|| format!("starting {argv:?} in {ns}"))
 }
@@ -238,13 +245,8 @@ impl Stock {
             let mut argv = vec![program];
             argv.extend_from_slice(extra);
             argv.push(&ifname);
-            let child = Command::new("ip")
-                .args(["netns", "exec", ns])
-                .args(&argv)
+            let child = in_ns(ns, &argv)
                 .env("WG_SUDO", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {program}"))?;
             pids.push(child.id());
@@ -350,11 +352,10 @@ fn join_to_tunnel(bin_dir: &PathBuf, joins: usize) -> anyhow::Result<Vec<f64>> {
         let probes = others
             .iter()
             .map(|&i| {
-                Command::new("ip")
-                    .args(["netns", "exec", &c.machine(i).netns, "ping", "-D", "-n"])
-                    .args(["-c", "1", "-i", "0.005", "-w", "30", &addr.to_string()])
+                let argv = ["ping", "-D", "-n", "-c", "1", "-i", "0.005", "-w", "30"];
+                in_ns(&c.machine(i).netns, &argv)
+                    .arg(addr.to_string())
                     .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
                     .spawn()
                     .context("starting ping")
             })

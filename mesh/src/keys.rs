@@ -96,8 +96,7 @@ impl PrivateKey {
         PrivateKey(b)
     }
     pub fn public_key(&self) -> PublicKey {
-        let secret = x25519::StaticSecret::from(self.0);
-        PublicKey(*x25519::PublicKey::from(&secret).as_bytes())
+        PublicKey(*x25519::PublicKey::from(&self.to_x25519()).as_bytes())
     }
     pub(crate) fn to_x25519(&self) -> x25519::StaticSecret {
         x25519::StaticSecret::from(self.0)
