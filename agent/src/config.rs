@@ -51,6 +51,10 @@ pub struct Args {
     /// Name of the mesh's WireGuard interface.
     #[arg(long, env = "UCD_WG_INTERFACE")]
     pub wg_interface: Option<String>,
+    /// Which WireGuard carries the mesh: kernel, userspace, or auto (default: the kernel's
+    /// where it has the module, else uc's userspace device).
+    #[arg(long, env = "UCD_WG_BACKEND")]
+    pub wg_backend: Option<uc_mesh::BackendChoice>,
     /// Port of the DNS server on the machine's mesh address (UDP and TCP).
     #[arg(long, env = "UCD_DNS_PORT")]
     pub dns_port: Option<u16>,
@@ -169,6 +173,7 @@ struct FileConfig {
     join_port: Option<u16>,
     wg_port: Option<u16>,
     wg_interface: Option<String>,
+    wg_backend: Option<String>,
     dns_port: Option<u16>,
     dns_upstreams: Option<Vec<String>>,
     docker_host: Option<String>,
@@ -209,6 +214,7 @@ pub struct Config {
     pub join_port: u16,
     pub wg_port: u16,
     pub wg_interface: String,
+    pub wg_backend: uc_mesh::BackendChoice,
     pub dns_port: u16,
     pub dns_upstreams: Vec<SocketAddr>,
     pub docker_host: String,
@@ -347,6 +353,13 @@ impl Args {
             }
         })
         .collect();
+        let wg_backend = match (self.wg_backend, file.wg_backend) {
+            (Some(b), _) => b,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("wg_backend in the config file: {e}"))?,
+            (None, None) => uc_mesh::BackendChoice::Auto,
+        };
         let vm_accel = match (self.vm_accel, file.vm_accel) {
             (Some(a), _) => a,
             (None, Some(text)) => text
@@ -417,6 +430,7 @@ impl Args {
                 .unwrap_or(uc_proto::DEFAULT_JOIN_PORT),
             wg_port,
             wg_interface,
+            wg_backend,
             dns_port: self.dns_port.or(file.dns_port).unwrap_or(53),
             dns_upstreams,
             docker_host: self

@@ -11,11 +11,12 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uc_crdt::ClusterState;
+use uc_mesh::device::DeviceError;
 use uc_mesh::endpoint::Observed;
 use uc_mesh::plan::{PlanError, parse_endpoint};
 use uc_mesh::{
-    Backend, EndpointChooser, KeyPair, MeshAddressing, MeshDevice, MeshMachine, PeerConfig, PeerOp,
-    Plan, PublicKey, UserspaceDevice,
+    Backend, BackendChoice, EndpointChooser, KernelDevice, KeyPair, MeshAddressing, MeshDevice,
+    MeshMachine, PeerConfig, PeerOp, Plan, PublicKey, UserspaceDevice,
 };
 use uc_proto::v1::{WgPeer, WgShowResponse};
 
@@ -95,6 +96,40 @@ pub fn mesh_machines(doc: &ClusterState) -> Vec<MeshMachine> {
         .collect()
 }
 
+/// Makes the WireGuard device the configuration asks for, and says why
+/// that one when it was not asked for by name.
+fn create_device(
+    cfg: &crate::config::Config,
+    keys: &KeyPair,
+) -> anyhow::Result<(Box<dyn MeshDevice>, String)> {
+    let (name, port) = (&cfg.wg_interface, cfg.wg_port);
+    let userspace = || -> anyhow::Result<Box<dyn MeshDevice>> {
+        let dev = UserspaceDevice::create(name, &keys.private, port).with_context(|| {
+            format!("starting WireGuard (userspace) on {name}, port {port}/udp")
+        })?;
+        Ok(Box::new(dev))
+    };
+    match cfg.wg_backend {
+        BackendChoice::Userspace => Ok((userspace()?, "chosen with --wg-backend userspace".into())),
+        BackendChoice::Kernel => {
+            let dev = KernelDevice::create(name, &keys.private, port).with_context(|| {
+                format!("starting WireGuard (kernel) on {name}, port {port}/udp")
+            })?;
+            Ok((Box::new(dev), String::new()))
+        }
+        BackendChoice::Auto => match KernelDevice::create(name, &keys.private, port) {
+            Ok(dev) => Ok((Box::new(dev), String::new())),
+            Err(DeviceError::NoKernelModule { .. }) => {
+                Ok((userspace()?, "no WireGuard kernel module".into()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel's WireGuard failed; using userspace");
+                Ok((userspace()?, format!("the kernel's WireGuard failed: {e}")))
+            }
+        },
+    }
+}
+
 impl Mesh {
     /// Creates the interface, gives it its addresses and its peers.
     pub async fn start(node: &Arc<Node>, keys: &KeyPair) -> anyhow::Result<Arc<Mesh>> {
@@ -118,21 +153,7 @@ impl Mesh {
             ),
             p => p.context("planning this machine's mesh interface")?,
         };
-        let kernel = uc_mesh::netlink::kernel_wireguard_available().await;
-        // The kernel backend is not built yet: boringtun carries the mesh
-        // everywhere for now, and the kernel's availability is reported.
-        let backend_note = if kernel {
-            "kernel WireGuard is available; uc uses userspace for now".to_string()
-        } else {
-            "no WireGuard kernel module".to_string()
-        };
-        let device = UserspaceDevice::create(&cfg.wg_interface, &keys.private, cfg.wg_port)
-            .with_context(|| {
-                format!(
-                    "starting WireGuard (userspace) on {}, port {}/udp",
-                    cfg.wg_interface, cfg.wg_port
-                )
-            })?;
+        let (device, backend_note) = create_device(cfg, keys)?;
         let addresses = plan.addresses();
         uc_mesh::netlink::configure(&cfg.wg_interface, &addresses, uc_mesh::MTU)
             .await
@@ -144,7 +165,7 @@ impl Mesh {
             public_key: keys.public,
             management: plan.management,
             addressing,
-            device: Mutex::new(Box::new(device)),
+            device: Mutex::new(device),
             applied: Mutex::new(Applied {
                 peers: BTreeMap::new(),
                 chooser: EndpointChooser::new(),

@@ -1,4 +1,5 @@
-//! WireGuard devices behind one trait. The userspace backend
+//! WireGuard devices behind one trait. The kernel backend
+//! ([`crate::kernel`]) configures the kernel's module over netlink. The userspace backend
 //! ([`crate::userspace`]) runs in this process: it creates a TUN device in
 //! the calling thread's network namespace and runs its own threads, and is
 //! configured by direct calls (no socket file, so several agents on one
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use crate::addr::AllowedIp;
 use crate::diff::PeerOp;
+pub use crate::kernel::KernelDevice;
 use crate::keys::PublicKey;
 pub use crate::userspace::UserspaceDevice;
 
@@ -28,11 +30,52 @@ impl Backend {
     }
 }
 
+/// Which backend an agent asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The kernel's WireGuard where the kernel has it, else userspace.
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kernel" => Ok(Self::Kernel),
+            "userspace" => Ok(Self::Userspace),
+            _ => Err(format!(
+                "WireGuard backend {s:?} is not one of auto, kernel, userspace"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
 /// A device that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("creating WireGuard interface {name}: {message}")]
     Create { name: String, message: String },
+    #[error("creating WireGuard interface {name}: this kernel has no WireGuard module")]
+    NoKernelModule { name: String },
+    #[error("WireGuard interface {name}: {what}: {source}")]
+    Netlink {
+        name: String,
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// One peer as the device reports it.

@@ -98,6 +98,10 @@ impl PrivateKey {
     pub fn public_key(&self) -> PublicKey {
         PublicKey(*x25519::PublicKey::from(&self.to_x25519()).as_bytes())
     }
+    /// The key's bytes, for a device that needs them (the kernel's).
+    pub(crate) fn secret_bytes(&self) -> [u8; 32] {
+        self.0
+    }
     pub(crate) fn to_x25519(&self) -> x25519::StaticSecret {
         x25519::StaticSecret::from(self.0)
     }

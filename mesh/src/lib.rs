@@ -4,7 +4,8 @@
 //! cluster state into the interface this machine should have and into the
 //! smallest set of peer changes that gets it there; it does no I/O and is
 //! tested without root. Around it, I/O shells: [`keys`] (the private key file),
-//! [`device`] (the WireGuard backends behind one trait), [`userspace`] (uc's
+//! [`device`] (the WireGuard backends behind one trait), [`kernel`] (the
+//! kernel's WireGuard, configured over netlink), [`userspace`] (uc's
 //! batched userspace WireGuard) and [`netlink`]
 //! (addresses and link state through rtnetlink).
 
@@ -12,13 +13,16 @@ pub mod addr;
 pub mod device;
 pub mod diff;
 pub mod endpoint;
+pub mod kernel;
 pub mod keys;
 pub mod netlink;
 pub mod plan;
 pub mod userspace;
 
 pub use addr::{AllowedIp, MeshAddressing};
-pub use device::{Backend, DeviceStatus, MeshDevice, PeerStatus, UserspaceDevice};
+pub use device::{
+    Backend, BackendChoice, DeviceStatus, KernelDevice, MeshDevice, PeerStatus, UserspaceDevice,
+};
 pub use diff::{PeerConfig, PeerOp, diff};
 pub use endpoint::EndpointChooser;
 pub use keys::{KeyError, KeyPair, PrivateKey, PublicKey};

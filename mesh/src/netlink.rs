@@ -1,11 +1,10 @@
-//! Addresses and link state of the mesh interface, through rtnetlink, and
-//! the probe for the kernel's WireGuard module.
+//! Addresses and link state of the mesh interface, through rtnetlink.
 
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
+use rtnetlink::{Handle, LinkUnspec};
 
 /// A netlink request that failed.
 #[derive(Debug, thiserror::Error)]
@@ -102,21 +101,4 @@ pub async fn remove_addresses(link: &str, addrs: &[(IpAddr, u8)]) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// Whether this kernel can make WireGuard interfaces (it tries to make one
-/// and deletes it at once).
-pub async fn kernel_wireguard_available() -> bool {
-    let Ok(h) = handle().await else { return false };
-    let name = format!("ucprobe{}", std::process::id() % 100_000);
-    let made = h
-        .link()
-        .add(LinkWireguard::new(&name).build())
-        .execute()
-        .await
-        .is_ok();
-    if made && let Ok(i) = link_index(&h, &name).await {
-        let _ = h.link().del(i).execute().await;
-    }
-    made
 }

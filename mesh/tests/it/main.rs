@@ -8,6 +8,8 @@ use std::process::Command;
 
 use uc_mesh::{KeyPair, MeshDevice, PeerConfig, PeerOp, PublicKey, UserspaceDevice};
 
+mod kernel;
+
 /// A network namespace that is deleted when dropped.
 struct Netns(String);
 
@@ -266,10 +268,15 @@ fn pair() -> Pair {
 /// A TCP server in `ns` on 10.210.2.1:port that reads everything, then
 /// answers with the SHA-256 of it followed by `reply`.
 fn digest_server(ns: &str, port: u16, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
+    digest_server_at(ns, SocketAddr::from(([10, 210, 2, 1], port)), reply)
+}
+
+/// [`digest_server`] on any address.
+fn digest_server_at(ns: &str, at: SocketAddr, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = spawn_in(ns, move || {
         use std::io::{Read, Write};
-        let l = std::net::TcpListener::bind(("10.210.2.1", port)).unwrap();
+        let l = std::net::TcpListener::bind(at).unwrap();
         tx.send(()).unwrap();
         let (mut c, _) = l.accept().unwrap();
         c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
