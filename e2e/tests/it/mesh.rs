@@ -477,3 +477,41 @@ fn garbage_on_the_wireguard_port_is_dropped() -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// Two agents on the kernel's WireGuard (the default where the kernel has the module): they
+/// pick it, reach each other through it, and one killed with SIGKILL and restarted replaces the
+/// interface it left behind. This machine's kernel may have no WireGuard, so it runs in a QEMU
+/// guest on Debian's cloud kernel, which has (e2e/guest/kernel-mesh.sh, the guest's side).
+#[test]
+fn agents_on_the_kernels_wireguard_reach_each_other_and_survive_a_kill() -> anyhow::Result<()> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace")?;
+    let bins = uc_e2e::Bins::find(None)?;
+    let out = std::process::Command::new("bash")
+        .arg(repo.join("scripts/vm-kit.sh"))
+        .args(["guest", "-m", "veth wireguard", "-b", "ip"])
+        .arg("-b")
+        .arg(format!("{}:/ucd", bins.ucd.display()))
+        .arg("-b")
+        .arg(format!("{}:/uc", bins.uc.display()))
+        .arg("-b")
+        .arg(format!(
+            "{}:/kernel-mesh.sh",
+            repo.join("e2e/guest/kernel-mesh.sh").display()
+        ))
+        .args(["--", "/.uc/bin/sh", "/kernel-mesh.sh"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let console = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "the guest's console:\n{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "the guest ended with {}", out.status);
+    ensure!(
+        console.contains("kernel mesh: ok"),
+        "the guest did not finish"
+    );
+    Ok(())
+}

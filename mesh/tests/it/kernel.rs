@@ -5,7 +5,7 @@
 //! test's output back. The guest has no network device at all.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use uc_mesh::{KernelDevice, KeyPair, MeshDevice, PeerConfig, PeerOp, PeerStatus, UserspaceDevice};
@@ -14,9 +14,9 @@ use super::{Netns, digest_server_at, payload, sha256, tcp_exchange};
 
 /// Set in the guest: run the scenario, whatever the probe says.
 const IN_GUEST: &str = "UC_MESH_IN_GUEST";
-/// The guest kernel's modules, loaded in this order after their
-/// dependencies: the disk, then what the scenario needs.
-const GUEST_MODULES: &str = "virtio_mmio virtio_blk veth tun wireguard";
+/// The modules the scenario needs in the guest, loaded in this order after
+/// their dependencies.
+const GUEST_MODULES: &str = "veth tun wireguard";
 const PORT: u16 = 51850;
 const WG: &str = "ucwg";
 
@@ -242,119 +242,44 @@ fn link_exists(ns: &Netns, link: &str) -> bool {
         .success()
 }
 
-/// A directory of the test's own, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Copies `bin` to `root/dest` (without its debug sections) along with every
-/// shared library it loads, at the same paths.
-fn copy_with_libraries(bin: &Path, root: &Path, dest: &str) {
-    let to = root.join(dest.trim_start_matches('/'));
-    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-    let ok = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(bin)
-        .arg(&to)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "objcopy {}", bin.display());
-    let out = Command::new("ldd").arg(bin).output().unwrap();
-    assert!(out.status.success(), "ldd {}", bin.display());
-    for lib in String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let to = root.join(lib.trim_start_matches('/'));
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(lib, &to).unwrap_or_else(|e| panic!("copying {lib}: {e}"));
-    }
-}
-
 /// Runs test `name` of this binary inside a QEMU guest whose kernel has
-/// WireGuard, and fails with the guest's console if it fails there.
+/// WireGuard (`scripts/vm-kit.sh guest`), and fails with the guest's console
+/// if it fails there.
 fn run_in_guest(name: &str) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let kit_script = repo.join("scripts/vm-kit.sh");
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-    let kit = cache.join("uc/wg-test-kit");
-    let ok = Command::new("bash")
-        .arg(&kit_script)
-        .arg("kit")
-        .arg(&kit)
-        .env("KIT_MODULES", GUEST_MODULES)
-        .status()
-        .unwrap();
-    assert!(
-        ok.success(),
-        "making the guest's kit with {}",
-        kit_script.display()
-    );
-
-    let scratch = Scratch(PathBuf::from(format!(
-        "/var/tmp/uc-mesh-guest-{}",
-        std::process::id()
-    )));
-    let root = scratch.0.join("root");
-    copy_with_libraries(&std::env::current_exe().unwrap(), &root, "/uc-test");
-    let ip_bin = Command::new("sh")
-        .args(["-c", "command -v ip"])
-        .output()
-        .unwrap();
-    let ip_bin = String::from_utf8(ip_bin.stdout).unwrap();
-    copy_with_libraries(Path::new(ip_bin.trim()), &root, "/usr/bin/ip");
-    for d in ["run/netns", "tmp", "proc", "sys", "dev", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let disk = scratch.0.join("disk.qcow2");
-    let ok = Command::new("bash")
-        .arg(&kit_script)
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("bash")
+        .arg(repo.join("scripts/vm-kit.sh"))
+        .args(["guest", "-m", GUEST_MODULES])
+        .arg("-b")
+        .arg(format!("{}:/uc-test", exe.display()))
         .args([
-            "disk",
+            "-b",
+            "ip",
             "-e",
             &format!("{IN_GUEST}=1"),
             "-e",
             "RUST_BACKTRACE=1",
         ])
-        .arg(&root)
-        .arg(&disk)
         .args([
+            "--",
             "/uc-test",
             name,
             "--exact",
             "--nocapture",
             "--test-threads=1",
         ])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success(), "making the guest's disk");
-
-    let console = scratch.0.join("console.log");
-    let status = Command::new("bash")
-        .arg(&kit_script)
-        .arg("run")
-        .arg(&kit)
-        .arg(&disk)
-        .env("VM_MEM", "768")
-        .env("VM_SERIAL", &console)
-        .env("VM_TIMEOUT", "900")
-        .env("VM_HOSTNAME", "uc-mesh-guest")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    let log = std::fs::read_to_string(&console).unwrap_or_default();
-    eprintln!("the guest's console:\n{log}");
-    assert!(status.success(), "QEMU ended with {status}");
+    let console = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "the guest's console:\n{console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the guest ended with {}", out.status);
     assert!(
-        log.contains("test result: ok. 1 passed") && log.contains("uc-init: exit 0"),
-        "the test failed in the guest"
+        console.contains("test result: ok. 1 passed"),
+        "the test did not pass in the guest"
     );
 }
