@@ -490,7 +490,7 @@ fn agents_on_the_kernels_wireguard_reach_each_other_and_survive_a_kill() -> anyh
     let bins = uc_e2e::Bins::find(None)?;
     let out = std::process::Command::new("bash")
         .arg(repo.join("scripts/vm-kit.sh"))
-        .args(["guest", "-m", "veth wireguard", "-b", "ip"])
+        .args(["guest", "-m", "veth tun wireguard", "-b", "ip"])
         .arg("-b")
         .arg(format!("{}:/ucd", bins.ucd.display()))
         .arg("-b")
