@@ -349,61 +349,60 @@ fn peer_entries(ops: &[PeerOp]) -> Vec<WireguardPeer> {
 fn status_from(messages: Vec<WireguardMessage>) -> DeviceStatus {
     let mut status = DeviceStatus::default();
     let now = SystemTime::now();
-    for m in messages {
-        for a in m.attributes {
-            match a {
-                WireguardAttribute::PublicKey(k) => {
-                    status.public_key = Some(PublicKey::from_bytes(k));
-                }
-                WireguardAttribute::ListenPort(p) => status.listen_port = p,
-                WireguardAttribute::Peers(peers) => {
-                    for p in peers {
-                        let mut s = PeerStatus {
-                            public_key: PublicKey::from_bytes([0; 32]),
-                            endpoint: None,
-                            allowed_ips: Vec::new(),
-                            last_handshake_age: None,
-                            rx_bytes: 0,
-                            tx_bytes: 0,
-                            keepalive: 0,
-                        };
-                        for pa in p.0 {
-                            match pa {
-                                WireguardPeerAttribute::PublicKey(k) => {
-                                    s.public_key = PublicKey::from_bytes(k);
-                                }
-                                WireguardPeerAttribute::Endpoint(ep) => s.endpoint = Some(ep),
-                                WireguardPeerAttribute::PersistentKeepalive(k) => s.keepalive = k,
-                                WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
-                                    let at = SystemTime::UNIX_EPOCH
-                                        + Duration::new(t.seconds as u64, t.nano_seconds as u32);
-                                    s.last_handshake_age =
-                                        Some(now.duration_since(at).unwrap_or_default());
-                                }
-                                WireguardPeerAttribute::RxBytes(b) => s.rx_bytes = b,
-                                WireguardPeerAttribute::TxBytes(b) => s.tx_bytes = b,
-                                WireguardPeerAttribute::AllowedIps(ips) => {
-                                    s.allowed_ips.extend(ips.iter().filter_map(allowed_ip));
-                                }
-                                _ => {}
-                            }
+    for a in messages.into_iter().flat_map(|m| m.attributes) {
+        match a {
+            WireguardAttribute::PublicKey(k) => status.public_key = Some(PublicKey::from_bytes(k)),
+            WireguardAttribute::ListenPort(p) => status.listen_port = p,
+            WireguardAttribute::Peers(peers) => {
+                for s in peers.into_iter().map(|p| peer_status(p, now)) {
+                    // A peer with many allowed IPs continues in the next
+                    // message of the dump, under the same key.
+                    match status.peers.last_mut() {
+                        Some(last) if last.public_key == s.public_key => {
+                            last.allowed_ips.extend(s.allowed_ips);
                         }
-                        // A peer with many allowed IPs continues in the next
-                        // message of the dump, under the same key.
-                        match status.peers.last_mut() {
-                            Some(last) if last.public_key == s.public_key => {
-                                last.allowed_ips.extend(s.allowed_ips);
-                            }
-                            _ => status.peers.push(s),
-                        }
+                        _ => status.peers.push(s),
                     }
                 }
-                _ => {}
             }
+            _ => {}
         }
     }
     status.peers.sort_by_key(|p| p.public_key);
     status
+}
+
+/// One peer of a dump message; the kernel's last handshake (a wall-clock
+/// time, zero for none) becomes an age at `now`.
+fn peer_status(peer: WireguardPeer, now: SystemTime) -> PeerStatus {
+    let mut s = PeerStatus {
+        public_key: PublicKey::from_bytes([0; 32]),
+        endpoint: None,
+        allowed_ips: Vec::new(),
+        last_handshake_age: None,
+        rx_bytes: 0,
+        tx_bytes: 0,
+        keepalive: 0,
+    };
+    for a in peer.0 {
+        match a {
+            WireguardPeerAttribute::PublicKey(k) => s.public_key = PublicKey::from_bytes(k),
+            WireguardPeerAttribute::Endpoint(ep) => s.endpoint = Some(ep),
+            WireguardPeerAttribute::PersistentKeepalive(k) => s.keepalive = k,
+            WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
+                let at =
+                    SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nano_seconds as u32);
+                s.last_handshake_age = Some(now.duration_since(at).unwrap_or_default());
+            }
+            WireguardPeerAttribute::RxBytes(b) => s.rx_bytes = b,
+            WireguardPeerAttribute::TxBytes(b) => s.tx_bytes = b,
+            WireguardPeerAttribute::AllowedIps(ips) => {
+                s.allowed_ips.extend(ips.iter().filter_map(allowed_ip));
+            }
+            _ => {}
+        }
+    }
+    s
 }
 
 fn allowed_ip(ip: &WireguardAllowedIp) -> Option<AllowedIp> {

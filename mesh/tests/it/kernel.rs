@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use uc_mesh::{KernelDevice, KeyPair, MeshDevice, PeerConfig, PeerOp, PeerStatus, UserspaceDevice};
 
-use super::{Netns, digest_server_at, payload, sha256, tcp_exchange};
+use super::{Netns, configure, digest_server_at, payload, sha256, tcp_exchange, veth};
 
 /// Set in the guest: run the scenario, whatever the probe says.
 const IN_GUEST: &str = "UC_MESH_IN_GUEST";
@@ -46,45 +46,6 @@ fn host_has_wireguard() -> bool {
             }
         },
     )
-}
-
-fn ip(args: &[&str]) {
-    let ok = Command::new("ip").args(args).status().unwrap();
-    assert!(ok.success(), "ip {args:?}");
-}
-
-/// A veth pair between two namespaces, `tag` naming its ends.
-fn veth(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str, tag: &str) {
-    let (la, lb) = (format!("ucv{tag}a"), format!("ucv{tag}b"));
-    ip(&[
-        "link", "add", &la, "netns", &a.0, "type", "veth", "peer", "name", &lb, "netns", &b.0,
-    ]);
-    for (ns, link, addr) in [(a, &la, a_ip), (b, &lb, b_ip)] {
-        ip(&[
-            "-n",
-            &ns.0,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            link,
-        ]);
-        ip(&["-n", &ns.0, "link", "set", link, "up"]);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-    }
-}
-
-/// Gives the device in `ns` machine `x`'s address and brings it up.
-fn configure(ns: &Netns, x: u8) {
-    ns.run(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let ip = std::net::IpAddr::from([10, 210, x, 1]);
-        rt.block_on(uc_mesh::netlink::configure(WG, &[(ip, 16)], uc_mesh::MTU))
-            .unwrap();
-    });
 }
 
 fn cfg(x: u8, endpoint: &str) -> PeerConfig {
@@ -135,7 +96,7 @@ fn scenario() {
     let private = keys[2].private.clone();
     let mut d3 = n3.run(move || UserspaceDevice::create(WG, &private, PORT).unwrap());
     for (ns, x) in [(&n1, 1), (&n2, 2), (&n3, 3)] {
-        configure(ns, x);
+        configure(ns, WG, x);
     }
 
     // Kernel to kernel.

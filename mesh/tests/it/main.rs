@@ -194,6 +194,47 @@ fn tcp_exchange(to: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(back)
 }
 
+fn ip(args: &[&str]) {
+    let ok = Command::new("ip").args(args).status().unwrap();
+    assert!(ok.success(), "ip {args:?}");
+}
+
+/// A veth pair `ucv{tag}a` in `a`, `ucv{tag}b` in `b`, with the /24
+/// addresses given, up (and each namespace's loopback up).
+fn veth(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str, tag: &str) {
+    let (la, lb) = (format!("ucv{tag}a"), format!("ucv{tag}b"));
+    ip(&[
+        "link", "add", &la, "netns", &a.0, "type", "veth", "peer", "name", &lb, "netns", &b.0,
+    ]);
+    for (ns, link, addr) in [(a, &la, a_ip), (b, &lb, b_ip)] {
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            link,
+        ]);
+        ip(&["-n", &ns.0, "link", "set", link, "up"]);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    }
+}
+
+/// Gives `link` in `ns` machine `x`'s mesh address (10.210.x.1/16) and
+/// brings it up.
+fn configure(ns: &Netns, link: &str, x: u8) {
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ip = std::net::IpAddr::from([10, 210, x, 1]);
+        rt.block_on(uc_mesh::netlink::configure(link, &[(ip, 16)], uc_mesh::MTU))
+            .unwrap();
+    });
+}
+
 /// Two machines, each with a device, joined by a veth pair between two
 /// namespaces of the test's own.
 struct Pair {
@@ -207,44 +248,13 @@ struct Pair {
 
 fn pair() -> Pair {
     let (a, b) = (Netns::new("dpa"), Netns::new("dpb"));
-    let ok = Command::new("ip")
-        .args(["link", "add", "ucva", "netns", &a.0, "type", "veth"])
-        .args(["peer", "name", "ucvb", "netns", &b.0])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "veth between {} and {}", a.0, b.0);
-    for (ns, link, ip) in [(&a, "ucva", "172.31.9.1/24"), (&b, "ucvb", "172.31.9.2/24")] {
-        for args in [
-            vec!["addr", "add", ip, "dev", link],
-            vec!["link", "set", link, "up"],
-            vec!["link", "set", "lo", "up"],
-        ] {
-            let ok = Command::new("ip")
-                .args(["-n", &ns.0])
-                .args(&args)
-                .status()
-                .unwrap();
-            assert!(ok.success(), "ip -n {} {args:?}", ns.0);
-        }
-    }
+    veth(&a, "172.31.9.1", &b, "172.31.9.2", "");
     let (ka, kb) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
     let up = |ns: &Netns, key: &KeyPair, x: u8| {
         let private = key.private.clone();
-        ns.run(move || {
-            let dev = UserspaceDevice::create("uct3", &private, 51850).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let ip = std::net::IpAddr::from([10, 210, x, 1]);
-            rt.block_on(uc_mesh::netlink::configure(
-                "uct3",
-                &[(ip, 16)],
-                uc_mesh::MTU,
-            ))
-            .unwrap();
-            dev
-        })
+        let dev = ns.run(move || UserspaceDevice::create("uct3", &private, 51850).unwrap());
+        configure(ns, "uct3", x);
+        dev
     };
     let mut dev_a = up(&a, &ka, 1);
     let mut dev_b = up(&b, &kb, 2);
