@@ -83,6 +83,10 @@ pub struct Args {
     /// Port of the ingress's HTTPS listener, on machines tagged `ingress` (default 443).
     #[arg(long)]
     pub ingress_https_port: Option<u16>,
+    /// Threads that serve the ingress's connections, on machines tagged `ingress` (default:
+    /// one per core).
+    #[arg(long)]
+    pub ingress_workers: Option<usize>,
     /// The ACME directory that issues the ingress's certificates (default: Let's Encrypt).
     #[arg(long)]
     pub acme_directory: Option<String>,
@@ -184,6 +188,7 @@ struct FileConfig {
     tags: Option<Vec<String>>,
     ingress_http_port: Option<u16>,
     ingress_https_port: Option<u16>,
+    ingress_workers: Option<usize>,
     acme_directory: Option<String>,
     acme_ca: Option<PathBuf>,
 }
@@ -225,6 +230,7 @@ pub struct Config {
     pub tags: Vec<String>,
     pub ingress_http_port: u16,
     pub ingress_https_port: u16,
+    pub ingress_workers: usize,
     pub acme: uc_ingress::acme::AcmeConfig,
     pub bootstrap: Bootstrap,
     /// How long a restarted agent waits for a peer to sync with before it
@@ -395,6 +401,15 @@ impl Args {
                 "ingress ports {ingress_http_port} (http) and {ingress_https_port} (https) must be two different ports from 1 to 65535"
             ));
         }
+        let ingress_workers = self
+            .ingress_workers
+            .or(file.ingress_workers)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if !(1..=256).contains(&ingress_workers) {
+            problems.push(format!(
+                "ingress workers {ingress_workers} is out of range (1 to 256)"
+            ));
+        }
         let mut acme = uc_ingress::acme::AcmeConfig::default();
         if let Some(d) = self.acme_directory.or(file.acme_directory) {
             if !d.starts_with("https://") {
@@ -452,6 +467,7 @@ impl Args {
             tags,
             ingress_http_port,
             ingress_https_port,
+            ingress_workers,
             acme,
             bootstrap,
             catch_up_timeout: Duration::from_secs(10),

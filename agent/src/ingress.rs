@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use uc_crdt::{CertRecord, Challenge, ClusterState, DesiredState, OrderStatus};
 use uc_ingress::acme::{self, Challenges};
-use uc_ingress::{Cert, ContainerInput, Ingress, Limits, Listener, RouteTable, ServiceInput};
+use uc_ingress::{
+    Cert, ContainerInput, Ingress, Limits, Listener, RouteTable, ServiceInput, Workers,
+};
 use uc_proto::MachineId;
 use uc_proto::spec::{PortMode, ServiceSpec};
 
@@ -139,6 +141,8 @@ pub struct IngressAgent {
     /// Parsed certificates, by host, with the record they came from.
     parsed: Mutex<HashMap<String, (CertRecord, Cert)>>,
     ordering: Mutex<HashSet<String>>,
+    /// The threads that serve the listeners, started with the first listener.
+    workers: Mutex<Option<Arc<Workers>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -193,6 +197,7 @@ impl IngressAgent {
             listen_errors: Mutex::default(),
             parsed: Mutex::default(),
             ordering: Mutex::default(),
+            workers: Mutex::default(),
             tracker: tracker.clone(),
             shutdown,
         }))
@@ -290,6 +295,18 @@ impl IngressAgent {
         }
     }
 
+    /// The worker threads, started on first use.
+    fn workers(&self) -> Result<Arc<Workers>, uc_ingress::Error> {
+        let mut w = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = &*w {
+            return Ok(w.clone());
+        }
+        let started = Arc::new(Workers::start(self.node.config.ingress_workers)?);
+        info!(workers = started.len(), "ingress workers started");
+        *w = Some(started.clone());
+        Ok(started)
+    }
+
     async fn open_listeners(&self, wanted: BTreeMap<u16, Listener>) {
         let mut open = self.open.lock().await;
         let stale: Vec<u16> = open
@@ -309,13 +326,17 @@ impl IngressAgent {
                 continue;
             }
             let addr = SocketAddr::new(self.node.config.listen_addr, self.bind_port(public));
-            let listener = std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|_| l))
-                .and_then(tokio::net::TcpListener::from_std);
-            let listener = match listener {
+            let listener = match std::net::TcpListener::bind(addr) {
                 Ok(l) => l,
                 Err(e) => {
                     errors.insert(public, format!("cannot listen on {addr}: {e}"));
+                    continue;
+                }
+            };
+            let workers = match self.workers() {
+                Ok(w) => w,
+                Err(e) => {
+                    errors.insert(public, format!("cannot start the ingress's threads: {e}"));
                     continue;
                 }
             };
@@ -324,7 +345,7 @@ impl IngressAgent {
             let ingress = self.ingress.clone();
             let s = stop.clone();
             self.tracker.spawn(async move {
-                if let Err(e) = uc_ingress::serve(ingress, listener, kind, public, tls, s).await {
+                if let Err(e) = workers.serve(ingress, listener, kind, public, tls, s).await {
                     warn!(port = public, error = %e, "ingress listener stopped");
                 }
             });

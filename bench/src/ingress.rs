@@ -48,8 +48,7 @@ struct Args {
 
 fn serve_uc(dir: &Path, resumption: bool) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
@@ -80,16 +79,19 @@ fn serve_uc(dir: &Path, resumption: bool) -> anyhow::Result<()> {
             c.send_tls13_tickets = 0;
             tls = Arc::new(c);
         }
-        let l = tokio::net::TcpListener::bind(("127.0.0.1", PROXY_PORT)).await?;
-        uc_ingress::serve(
-            ingress,
-            l,
-            uc_ingress::Listener::Https,
-            443,
-            Some(tls),
-            tokio_util::sync::CancellationToken::new(),
-        )
-        .await?;
+        // The agent's ingress, with one worker thread.
+        let workers = uc_ingress::Workers::start(1)?;
+        let l = std::net::TcpListener::bind(("127.0.0.1", PROXY_PORT))?;
+        workers
+            .serve(
+                ingress,
+                l,
+                uc_ingress::Listener::Https,
+                443,
+                Some(tls),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await?;
         anyhow::Ok(())
     })
 }
@@ -508,7 +510,7 @@ fn main() -> anyhow::Result<()> {
     );
     writeln!(
         md,
-        "_{} · `bench/ingress.sh` · each proxy pinned to core 0 (one worker/thread), wrk (1 thread, {} connections) and the backend (nginx, a 23-byte body) to core 1, loopback, the same self-signed certificate, TLS 1.3 · medians of {} rounds of {} s per run, the proxies taking turns · uc is the same `uc_ingress::serve` the agent runs, on one tokio worker · nginx keeps upstream connections alive (`keepalive 64`), HAProxy reuses them, uc and Caddy pool them · new connections: wrk with `Connection: close`; it offers the session it was given on each reconnect, so against a proxy's default configuration these are resumed handshakes; \"full\" runs the same proxy with resumption turned off (no tickets, no session cache). A rustls client checks each configuration: \"resumes\" says whether its second and third connections resumed_\n",
+        "_{} · `bench/ingress.sh` · each proxy pinned to core 0 (one worker/thread), wrk (1 thread, {} connections) and the backend (nginx, a 23-byte body) to core 1, loopback, the same self-signed certificate, TLS 1.3 · medians of {} rounds of {} s per run, the proxies taking turns · uc is the ingress the agent runs (`uc_ingress::Workers`), with one worker thread · nginx keeps upstream connections alive (`keepalive 64`), HAProxy reuses them, uc and Caddy pool them · new connections: wrk with `Connection: close`; it offers the session it was given on each reconnect, so against a proxy's default configuration these are resumed handshakes; \"full\" runs the same proxy with resumption turned off (no tickets, no session cache). A rustls client checks each configuration: \"resumes\" says whether its second and third connections resumed_\n",
         uc_bench::date_utc(),
         args.connections,
         args.rounds,

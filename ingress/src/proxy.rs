@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::balance::Balancer;
 use crate::routes::{Backend, Listener, RouteTable};
@@ -79,7 +79,6 @@ pub struct Ingress {
     certs: Arc<CertStore>,
     challenges: RwLock<HashMap<String, String>>,
     balancer: Balancer,
-    client: Client<HttpConnector, ProxyBody>,
     limits: Limits,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
     pub counters: Counters,
@@ -95,20 +94,11 @@ impl std::fmt::Debug for Ingress {
 
 impl Ingress {
     pub fn new(limits: Limits) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Arc::new(Ingress {
             routes: RwLock::new(Arc::new(RouteTable::default())),
             certs: Arc::new(CertStore::default()),
             challenges: RwLock::default(),
             balancer: Balancer::default(),
-            client,
             limits,
             open: Mutex::default(),
             counters: Counters::default(),
@@ -137,6 +127,20 @@ impl Ingress {
 
     pub fn balancer(&self) -> &Balancer {
         &self.balancer
+    }
+
+    /// A client to the backends, with a pool of kept-alive connections. Each listener makes
+    /// its own on the runtime that serves it, so that a request and its backend connection are
+    /// served by one thread.
+    fn client(&self) -> Client<HttpConnector, ProxyBody> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(self.limits.connect_timeout));
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .pool_timer(TokioTimer::new())
+            .build(connector)
     }
 
     /// Admits a connection from `ip`, or refuses it when a limit is reached.
@@ -179,6 +183,15 @@ impl Drop for Admitted {
     }
 }
 
+/// What the connections of one listener on one runtime share.
+struct Site {
+    ingress: Arc<Ingress>,
+    client: Client<HttpConnector, ProxyBody>,
+    https: bool,
+    /// The port clients use, which picks the routes.
+    public_port: u16,
+}
+
 /// Serves one listener until `shutdown`: `kind` says what it speaks, `public_port` which routes
 /// it serves (the port clients use, which the listener may not be bound to in tests). HTTPS
 /// listeners need `tls`. On shutdown, open HTTP connections finish their requests.
@@ -200,7 +213,13 @@ pub async fn serve(
         _ => None,
     };
     let local = listener.local_addr()?;
-    info!(%local, ?kind, public_port, "ingress listening");
+    debug!(%local, ?kind, public_port, "ingress listening");
+    let site = Arc::new(Site {
+        client: ingress.client(),
+        ingress: ingress.clone(),
+        https: kind == Listener::Https,
+        public_port,
+    });
     let tasks = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -225,25 +244,19 @@ pub async fn serve(
         };
         ingress.counters.connections.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let ingress = ingress.clone();
+        let site = site.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let _admitted = admitted;
             match kind {
-                Listener::Tcp => {
-                    tcp_connection(&ingress, stream, peer, public_port, shutdown).await
-                }
-                Listener::Http => {
-                    http_connection(ingress, stream, peer, false, public_port, shutdown).await
-                }
+                Listener::Tcp => tcp_connection(&site, stream, peer, shutdown).await,
+                Listener::Http => http_connection(site, stream, peer, shutdown).await,
                 Listener::Https => {
                     let Some(tls) = tls else { return };
-                    let timeout = ingress.limits.header_timeout;
+                    let timeout = site.ingress.limits.header_timeout;
                     match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            http_connection(ingress, s, peer, true, public_port, shutdown).await
-                        }
+                        Ok(Ok(s)) => http_connection(site, s, peer, shutdown).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }
@@ -258,15 +271,14 @@ pub async fn serve(
 }
 
 async fn http_connection<S>(
-    ingress: Arc<Ingress>,
+    site: Arc<Site>,
     stream: S,
     peer: SocketAddr,
-    https: bool,
-    public_port: u16,
     shutdown: CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let ingress = &site.ingress;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -278,10 +290,10 @@ async fn http_connection<S>(
         .timer(TokioTimer::new())
         .max_header_list_size(ingress.limits.max_header_bytes as u32)
         .max_concurrent_streams(256);
-    let svc_ingress = ingress.clone();
+    let svc_site = site.clone();
     let service = hyper::service::service_fn(move |req| {
-        let ingress = svc_ingress.clone();
-        async move { Ok::<_, Infallible>(handle(&ingress, req, peer, https, public_port).await) }
+        let site = svc_site.clone();
+        async move { Ok::<_, Infallible>(handle(&site, req, peer).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -314,13 +326,8 @@ fn full(b: Bytes) -> ProxyBody {
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
 
-async fn handle(
-    ingress: &Arc<Ingress>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    https: bool,
-    public_port: u16,
-) -> Response<ProxyBody> {
+async fn handle(site: &Site, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    let (ingress, https) = (&site.ingress, site.https);
     ingress.counters.requests.fetch_add(1, Ordering::Relaxed);
     let host = req
         .uri()
@@ -353,7 +360,7 @@ async fn handle(
         }
     }
     let table = ingress.routes();
-    let Some(route) = table.http_route(public_port, &host) else {
+    let Some(route) = table.http_route(site.public_port, &host) else {
         if !https && let Some(secure) = table.https_route_for(&host) {
             let h = crate::routes::normalize_host(&host);
             let port = match secure.public_port {
@@ -385,16 +392,7 @@ async fn handle(
             &format!("service {} has no running containers", route.service),
         );
     }
-    forward(
-        ingress,
-        req,
-        peer,
-        https,
-        &host,
-        &route.service,
-        &route.backends,
-    )
-    .await
+    forward(site, req, peer, &host, &route.service, &route.backends).await
 }
 
 /// Headers that belong to one hop and are not passed on (RFC 9110, 7.6.1).
@@ -435,10 +433,9 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 }
 
 async fn forward(
-    ingress: &Arc<Ingress>,
+    site: &Site,
     mut req: Request<Incoming>,
     peer: SocketAddr,
-    https: bool,
     host: &str,
     service: &str,
     backends: &[Backend],
@@ -449,6 +446,7 @@ async fn forward(
             hyper::upgrade::on(&mut req),
         )
     });
+    let (ingress, https) = (&site.ingress, site.https);
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let h = &mut parts.headers;
@@ -535,7 +533,7 @@ async fn forward(
         };
         let mut up = Request::from_parts(head, body);
         *up.uri_mut() = uri;
-        match ingress.client.request(up).await {
+        match site.client.request(up).await {
             Ok(mut resp) => {
                 ingress.balancer.mark_up(addr);
                 if let Some((_, client_upgrade)) = upgrade
@@ -584,13 +582,13 @@ async fn forward(
 }
 
 async fn tcp_connection(
-    ingress: &Arc<Ingress>,
+    site: &Site,
     mut client: TcpStream,
     peer: SocketAddr,
-    public_port: u16,
     shutdown: CancellationToken,
 ) {
-    let backends = match ingress.routes().tcp_route(public_port) {
+    let ingress = &site.ingress;
+    let backends = match ingress.routes().tcp_route(site.public_port) {
         Some(r) => r.backends.clone(),
         None => return,
     };

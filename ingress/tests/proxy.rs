@@ -374,3 +374,40 @@ async fn changing_routes_keeps_open_connections() {
             .starts_with("a\n")
     );
 }
+
+#[tokio::test]
+async fn workers_share_a_listener_and_close_it_on_shutdown() {
+    install_ring();
+    let (a, _sa) = backend("a").await;
+    let ingress = uc_ingress::Ingress::new(Limits::default());
+    ingress.set_routes(RouteTable::build(&[service(
+        "a",
+        &[format!("a.example.test:{}/http", a.port())],
+        true,
+    )]));
+    let workers = std::sync::Arc::new(uc_ingress::Workers::start(3).unwrap());
+    assert_eq!(workers.len(), 3);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serving = {
+        let (w, s) = (workers.clone(), stop.clone());
+        tokio::spawn(async move { w.serve(ingress, l, Listener::Http, 80, None, s).await })
+    };
+    // Many connections at once, each answered by whichever worker accepted it.
+    let answers = futures::future::join_all(
+        (0..40).map(|_| async move { get1(addr, "a.example.test", "/", None).await.status }),
+    )
+    .await;
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("every worker stops serving")
+        .unwrap()
+        .unwrap();
+    // No worker holds the socket any more.
+    assert!(TcpStream::connect(addr).await.is_err());
+    // Dropping the workers stops and joins their threads.
+    drop(std::sync::Arc::into_inner(workers).expect("nothing else holds the workers"));
+}

@@ -15,7 +15,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use uc_ingress::{Cert, ContainerInput, Ingress, Limits, Listener, RouteTable, ServiceInput};
+use uc_ingress::{
+    Cert, ContainerInput, Ingress, Limits, Listener, RouteTable, ServiceInput, Workers,
+};
 
 /// A throwaway CA that signs leaf certificates.
 pub struct TestCa {
@@ -135,6 +137,8 @@ pub fn service(name: &str, ports: &[String], local: bool) -> ServiceInput {
 /// ports of their own.
 pub struct Running {
     pub ingress: Arc<Ingress>,
+    /// Two, so that connections are served by several threads as in the agent.
+    _workers: Arc<Workers>,
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub stop: CancellationToken,
@@ -150,28 +154,21 @@ pub async fn ingress(limits: Limits, table: RouteTable) -> Running {
     let ingress = Ingress::new(limits);
     ingress.set_routes(table);
     let stop = CancellationToken::new();
-    let h = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let workers = Arc::new(Workers::start(2).unwrap());
+    let h = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (http, https) = (h.local_addr().unwrap(), s.local_addr().unwrap());
     let tls = uc_ingress::tls::server_config(ingress.certs().clone()).unwrap();
-    tokio::spawn(uc_ingress::serve(
-        ingress.clone(),
-        h,
-        Listener::Http,
-        80,
-        None,
-        stop.clone(),
-    ));
-    tokio::spawn(uc_ingress::serve(
-        ingress.clone(),
-        s,
-        Listener::Https,
-        443,
-        Some(tls),
-        stop.clone(),
-    ));
+    for (l, kind, port, tls) in [
+        (h, Listener::Http, 80, None),
+        (s, Listener::Https, 443, Some(tls)),
+    ] {
+        let (w, i, stop) = (workers.clone(), ingress.clone(), stop.clone());
+        tokio::spawn(async move { w.serve(i, l, kind, port, tls, stop).await });
+    }
     Running {
         ingress,
+        _workers: workers,
         http,
         https,
         stop,
