@@ -15,9 +15,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -29,8 +28,9 @@ use tracing::{debug, warn};
 use crate::balance::Balancer;
 use crate::routes::{Backend, Listener, RouteTable};
 use crate::tls::CertStore;
+use crate::upstream::{Pool, SendError};
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub(crate) type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Limits against abuse.
 #[derive(Clone, Debug)]
@@ -129,20 +129,6 @@ impl Ingress {
         &self.balancer
     }
 
-    /// A client to the backends, with a pool of kept-alive connections. Each listener makes
-    /// its own on the runtime that serves it, so that a request and its backend connection are
-    /// served by one thread.
-    fn client(&self) -> Client<HttpConnector, ProxyBody> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.limits.connect_timeout));
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .build(connector)
-    }
-
     /// Admits a connection from `ip`, or refuses it when a limit is reached.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -186,7 +172,8 @@ impl Drop for Admitted {
 /// What the connections of one listener on one runtime share.
 struct Site {
     ingress: Arc<Ingress>,
-    client: Client<HttpConnector, ProxyBody>,
+    /// Kept-alive backend connections, on the runtime that serves the listener.
+    pool: Pool,
     https: bool,
     /// The port clients use, which picks the routes.
     public_port: u16,
@@ -215,12 +202,24 @@ pub async fn serve(
     let local = listener.local_addr()?;
     debug!(%local, ?kind, public_port, "ingress listening");
     let site = Arc::new(Site {
-        client: ingress.client(),
+        pool: Pool::new(ingress.limits.connect_timeout),
         ingress: ingress.clone(),
         https: kind == Listener::Https,
         public_port,
     });
     let tasks = TaskTracker::new();
+    let sweeping = {
+        let (site, shutdown) = (site.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = every.tick() => site.pool.sweep(),
+                }
+            }
+        })
+    };
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -267,6 +266,7 @@ pub async fn serve(
     tasks.close();
     // Give open connections a moment to finish what they are doing.
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    sweeping.abort();
     Ok(())
 }
 
@@ -475,11 +475,14 @@ async fn forward(
         h.insert(header::UPGRADE, proto.clone());
     }
     parts.version = hyper::Version::HTTP_11;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // The backend gets the origin form (an HTTP/2 request's URI names scheme and authority).
+    parts.uri = Uri::from(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
 
     // A body small enough is read first, so that a failed backend can be retried.
     let (retry_body, mut stream_body) = if body.is_end_stream() {
@@ -523,17 +526,7 @@ async fn forward(
             (None, Some(b)) => b.boxed(),
             (None, None) => break,
         };
-        let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(addr.to_string())
-            .path_and_query(path.as_str())
-            .build()
-        else {
-            return text(StatusCode::BAD_REQUEST, "the request's path is not valid");
-        };
-        let mut up = Request::from_parts(head, body);
-        *up.uri_mut() = uri;
-        match site.client.request(up).await {
+        match site.pool.send(addr, Request::from_parts(head, body)).await {
             Ok(mut resp) => {
                 ingress.balancer.mark_up(addr);
                 if let Some((_, client_upgrade)) = upgrade
@@ -562,7 +555,7 @@ async fn forward(
                     .upstream_failures
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(%addr, service, error = %e, "backend failed");
-                if e.is_connect() {
+                if matches!(e, SendError::Connect(_)) {
                     ingress.balancer.mark_down(addr, Instant::now());
                     if retry_body.is_some() {
                         continue;

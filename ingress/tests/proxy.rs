@@ -411,3 +411,62 @@ async fn workers_share_a_listener_and_close_it_on_shutdown() {
     // Dropping the workers stops and joins their threads.
     drop(std::sync::Arc::into_inner(workers).expect("nothing else holds the workers"));
 }
+
+#[tokio::test]
+async fn backend_connections_are_kept_alive_and_a_closed_one_is_not_reused() {
+    install_ring();
+    // A backend that counts its connections and can close them all at once.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (close, _) = tokio::sync::broadcast::channel::<()>(1);
+    {
+        let (accepted, close) = (accepted.clone(), close.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut closed = close.subscribe();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        tokio::select! {
+                            _ = closed.recv() => return,
+                            n = s.read(&mut chunk) => match n {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            },
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let table = RouteTable::build(&[service("a", &[format!("a.example.test:{port}/http")], true)]);
+    let r = ingress(Limits::default(), table).await;
+    let count = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // Sequential requests share one backend connection (one client connection, so that one
+    // worker, with its own pool, serves them all).
+    let mut c = open1(connect(r.http, "a.example.test", None).await.unwrap()).await;
+    for _ in 0..5 {
+        let x = send1(&mut c, "a.example.test", "/", "").await;
+        assert_eq!((x.status.as_u16(), x.body.as_str()), (200, "ok\n"));
+    }
+    assert_eq!(count(), 1, "the backend connection is kept alive");
+    // The backend closes it: the next request goes over a new one, and succeeds.
+    close.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let x = send1(&mut c, "a.example.test", "/", "").await;
+        assert_eq!((x.status.as_u16(), x.body.as_str()), (200, "ok\n"));
+    }
+    assert_eq!(count(), 2);
+}
