@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use uc_bench::{rss_group_mb, spawn_pinned};
+use uc_bench::{percentile, rss_group_mb, spawn_pinned};
 
 const BACKEND_PORT: u16 = 18080;
 const PROXY_PORT: u16 = 18443;
@@ -283,6 +283,151 @@ fn wrk(hosts: &Path, secs: u64, conns: usize, close: bool) -> anyhow::Result<Run
     })
 }
 
+/// What a proxy itself spends on new connections, seen from the wire: per connection, from the
+/// client's first handshake packet to the proxy's first answer (`handshake`), and from the packet
+/// carrying the request to the proxy's FIN after the answer (`request`), in ms.
+///
+/// wrk is the bottleneck with a new connection per request (one thread doing every client
+/// handshake on one core), and the latency it reports runs from its write of the request to its
+/// read of the answer, so it includes the time an answer waits in wrk's own event loop; these
+/// packet timestamps take the client out.
+#[derive(Default)]
+struct Held {
+    handshake: Vec<f64>,
+    request: Vec<f64>,
+}
+
+/// A packet of a connection: time, whether the client sent it, flags, payload length, and the
+/// sequence range of its payload (`seq A:B` as tcpdump prints it; a retransmission repeats it).
+type Pkt = (f64, bool, String, usize, String);
+
+/// One packet of `tcpdump -r FILE -nn -tt`, with its client port (the side that is not
+/// PROXY_PORT).
+fn packet(line: &str) -> Option<(u16, Pkt)> {
+    let mut it = line.split_whitespace();
+    let t: f64 = it.next()?.parse().ok()?;
+    if it.next()? != "IP" {
+        return None;
+    }
+    let port = |a: &str| {
+        a.trim_end_matches(':')
+            .rsplit('.')
+            .next()?
+            .parse::<u16>()
+            .ok()
+    };
+    let (src, dst) = (port(it.next()?)?, {
+        it.next()?;
+        port(it.next()?)?
+    });
+    let flags = line.split("Flags [").nth(1)?.split(']').next()?.to_owned();
+    let len = line
+        .rsplit("length ")
+        .next()?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let seq = line
+        .split(", seq ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("")
+        .to_owned();
+    let from_client = dst == PROXY_PORT;
+    let port = if from_client { src } else { dst };
+    Some((port, (t, from_client, flags, len, seq)))
+}
+
+fn held(text: &str) -> Held {
+    // Connections by client port, split at each SYN (wrk's ports come round again).
+    let mut open: std::collections::HashMap<u16, Vec<Pkt>> = Default::default();
+    let mut done: Vec<Vec<Pkt>> = Vec::new();
+    for (port, p) in text.lines().filter_map(packet) {
+        if p.1
+            && p.2 == "S"
+            && let Some(old) = open.insert(port, Vec::new())
+        {
+            done.push(old);
+        }
+        if let Some(c) = open.get_mut(&port) {
+            c.push(p);
+        }
+    }
+    done.extend(open.into_values());
+    let mut h = Held::default();
+    for c in done {
+        let Some(hello) = c.iter().find(|p| p.1 && p.3 > 0) else {
+            continue;
+        };
+        let Some(flight) = c.iter().find(|p| !p.1 && p.3 > 0 && p.0 >= hello.0) else {
+            continue;
+        };
+        let Some(fin) = c.iter().find(|p| !p.1 && p.2.contains('F')) else {
+            continue;
+        };
+        // The request is the client's last data before the proxy ends the connection, as it
+        // was first sent.
+        let Some(last) = c
+            .iter()
+            .rfind(|p| p.1 && p.3 > 0 && p.0 > flight.0 && p.0 <= fin.0)
+        else {
+            continue;
+        };
+        let Some(req) = c.iter().find(|p| p.1 && p.4 == last.4) else {
+            continue;
+        };
+        h.handshake.push((flight.0 - hello.0) * 1e3);
+        h.request.push((fin.0 - req.0) * 1e3);
+    }
+    h
+}
+
+/// Runs wrk with a new connection per request while tcpdump (on the proxy's core) records the
+/// proxy's port, and returns what the proxy held (see [`Held`]).
+fn captured(dir: &Path, hosts: &Path, secs: u64, conns: usize) -> anyhow::Result<Held> {
+    use std::io::BufRead;
+    let file = dir.join("capture.pcap");
+    let mut tcpdump = Command::new("taskset")
+        .args([
+            "-c", "0", "tcpdump", "-i", "lo", "-nn", "-s", "96", "-B", "32768", "-w",
+        ])
+        .arg(&file)
+        .arg(format!("tcp port {PROXY_PORT}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting tcpdump")?;
+    let mut err = std::io::BufReader::new(tcpdump.stderr.take().context("tcpdump's stderr")?);
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            let _ = tcpdump.wait();
+            bail!("tcpdump did not start");
+        }
+    }
+    let run = wrk(hosts, secs, conns, true);
+    let _ = Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    tcpdump.wait()?;
+    run?;
+    let out = Command::new("tcpdump")
+        .args(["-r"])
+        .arg(&file)
+        .args(["-nn", "-tt"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .context("reading the capture")?;
+    let _ = std::fs::remove_file(&file);
+    let h = held(&String::from_utf8_lossy(&out.stdout));
+    if h.request.len() < 100 {
+        bail!("the capture holds {} whole connections", h.request.len());
+    }
+    Ok(h)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(dir) = &args.serve_uc {
@@ -489,6 +634,33 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // One more pass with the wire recorded: what each proxy itself holds a new connection for.
+    let mut held_md = String::new();
+    let mut held_p99 = Vec::new();
+    for (label, proxy) in &proxies {
+        let mut cells = Vec::new();
+        let mut p99s = Vec::new();
+        for resumption in [true, false] {
+            let p = start(proxy, resumption)?;
+            let _ = wrk(&hosts, 1, args.connections, true);
+            let h = captured(&dir, &hosts, args.secs, args.connections)
+                .with_context(|| format!("{label}: recording the wire"))?;
+            drop(p);
+            std::thread::sleep(Duration::from_millis(500));
+            for v in [&h.handshake, &h.request] {
+                let (p50, p99) = (percentile(v, 50.0), percentile(v, 99.0));
+                cells.push(format!("{p50:.2} | {p99:.2}"));
+                p99s.push(p99);
+            }
+            eprintln!(
+                "{label}: resumption {resumption}: {} connections recorded",
+                h.request.len()
+            );
+        }
+        writeln!(held_md, "| {label} | {} |", cells.join(" | "))?;
+        held_p99.push(p99s);
+    }
+
     // Label; medians of keep-alive, resumed and full handshakes; RSS; resumption checks.
     type Summary<'a> = (&'a str, Run, Run, Run, f64, (bool, bool));
     let rows: Vec<Summary> = rows
@@ -543,10 +715,59 @@ fn main() -> anyhow::Result<()> {
             "\nuc / nginx, requests per second (p99): keep-alive {k:.2}x ({kp:.2}x); new connections resumed {r:.2}x ({rp:.2}x); full handshakes {f:.2}x ({fp:.2}x). Target: at least nginx's requests per second with p99 no higher, in every mode.",
         )?;
     }
+    md.push_str(
+        "\nWith a new connection per request wrk is the bottleneck (its one thread does every client handshake, at about 0.9 of its core), and its latency runs from its write of a request to its read of the answer, so it includes the time an answer waits in wrk's own event loop. What each proxy itself holds a connection for, from packet timestamps (tcpdump on the proxy's core, one more run of each mode): *handshake*, from the client's first handshake packet to the proxy's first answer; *request*, from the packet carrying the request to the proxy's FIN after its answer; ms.\n\n| proxy | resumed: handshake p50 | p99 | request p50 | p99 | full: handshake p50 | p99 | request p50 | p99 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    md.push_str(&held_md);
+    if let (Some(uc), Some(nginx)) = (held_p99.first(), held_p99.get(1)) {
+        let r: Vec<String> = uc
+            .iter()
+            .zip(nginx)
+            .map(|(a, b)| format!("{:.2}x", a / b))
+            .collect();
+        writeln!(
+            md,
+            "\nuc / nginx, p99 of what the proxy holds: resumed, handshake {} and request {}; full, handshake {} and request {}.",
+            r[0], r[1], r[2], r[3]
+        )?;
+    }
     md.push_str("<!-- ingress:end -->");
     println!("{md}");
     if let Some(out) = &args.out {
         uc_bench::splice(out, "ingress", &md)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_times_come_from_the_first_sending_of_each_packet() {
+        // A connection as tcpdump prints it: handshake, the client's Finished, its request
+        // (sent again 4 ms later), the proxy's answer and FIN; then a SYN reusing the port whose
+        // connection never finishes.
+        let c = "127.0.0.1.50000 > 127.0.0.1.18443";
+        let s = "127.0.0.1.18443 > 127.0.0.1.50000";
+        let text = [
+            format!("10.000000 IP {c}: Flags [S], seq 7, win 65495, length 0"),
+            format!("10.000010 IP {s}: Flags [S.], seq 9, ack 8, win 65483, length 0"),
+            format!("10.000020 IP {c}: Flags [.], ack 1, win 64, length 0"),
+            format!("10.001000 IP {c}: Flags [P.], seq 1:325, ack 1, win 64, length 324"),
+            format!("10.003000 IP {s}: Flags [P.], seq 1:745, ack 325, win 64, length 744"),
+            format!("10.010000 IP {c}: Flags [P.], seq 325:405, ack 745, win 64, length 80"),
+            format!("10.010100 IP {c}: Flags [P.], seq 405:496, ack 745, win 64, length 91"),
+            format!("10.014100 IP {c}: Flags [P.], seq 405:496, ack 745, win 64, length 91"),
+            "10.015000 IP 10.0.0.1.53 > 10.0.0.2.5353: UDP, length 40".to_owned(),
+            format!("10.016100 IP {s}: Flags [P.], seq 745:933, ack 496, win 64, length 188"),
+            format!("10.016200 IP {s}: Flags [F.], seq 933, ack 496, win 64, length 0"),
+            format!("11.000000 IP {c}: Flags [S], seq 99, win 65495, length 0"),
+        ]
+        .join("\n");
+        let h = held(&text);
+        assert_eq!(h.handshake.len(), 1, "one whole connection");
+        assert!((h.handshake[0] - 2.0).abs() < 1e-6, "{:?}", h.handshake);
+        assert!((h.request[0] - 6.1).abs() < 1e-6, "{:?}", h.request);
+    }
 }
