@@ -37,6 +37,13 @@ struct Kept {
     since: Instant,
 }
 
+impl Kept {
+    /// Open, and used within the last [`IDLE`].
+    fn alive(&self, now: Instant) -> bool {
+        !self.send.is_closed() && now.duration_since(self.since) < IDLE
+    }
+}
+
 pub(crate) struct Pool {
     connect_timeout: Duration,
     kept: Mutex<HashMap<SocketAddr, Vec<Kept>>>,
@@ -80,7 +87,7 @@ impl Pool {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         kept.retain(|_, v| {
-            v.retain(|k| !k.send.is_closed() && now.duration_since(k.since) < IDLE);
+            v.retain(|k| k.alive(now));
             !v.is_empty()
         });
     }
@@ -91,7 +98,7 @@ impl Pool {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let v = kept.get_mut(&addr)?;
         let now = Instant::now();
-        v.retain(|k| !k.send.is_closed() && now.duration_since(k.since) < IDLE);
+        v.retain(|k| k.alive(now));
         let i = v.iter().rposition(|k| k.send.is_ready())?;
         Some(v.swap_remove(i).send)
     }
