@@ -4,8 +4,9 @@
 //! Pure cores: `routes` (the services' published ports and containers in, a route table out),
 //! `balance` (the order in which to try a route's backends). I/O shells: `tls` (certificates by
 //! SNI), `proxy` (the HTTP/HTTPS/TCP listeners on sockets the caller bound, with a shutdown
-//! token), `upstream` (kept-alive HTTP/1.1 connections to the backends), `workers` (threads with a single-threaded runtime each, that serve every listener),
-//! `acme` (certificates from an ACME CA, HTTP-01 answered by every ingress).
+//! token), `upstream` (kept-alive HTTP/1.1 connections to the backends), `workers` (threads
+//! with a single-threaded runtime each, that serve every listener), `acme` (certificates from
+//! an ACME CA, HTTP-01 answered by every ingress).
 
 pub mod acme;
 pub mod balance;

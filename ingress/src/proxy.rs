@@ -591,12 +591,9 @@ async fn tcp_connection(
         .into_iter()
         .take(3)
     {
-        let connected =
-            tokio::time::timeout(ingress.limits.connect_timeout, TcpStream::connect(addr)).await;
-        match connected {
-            Ok(Ok(mut upstream)) => {
+        match crate::upstream::connect(addr, ingress.limits.connect_timeout).await {
+            Ok(mut upstream) => {
                 ingress.balancer.mark_up(addr);
-                let _ = upstream.set_nodelay(true);
                 tokio::select! {
                     r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                         if let Err(e) = r {
@@ -607,8 +604,7 @@ async fn tcp_connection(
                 }
                 return;
             }
-            Ok(Err(e)) => debug!(%addr, error = %e, "tcp backend refused"),
-            Err(_) => debug!(%addr, "tcp backend timed out"),
+            Err(e) => debug!(%addr, error = %e, "tcp backend unreachable"),
         }
         ingress
             .counters

@@ -118,18 +118,9 @@ impl Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<ProxyBody>, SendError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
-                Err(_) => {
-                    return Err(SendError::Connect(format!(
-                        "no answer in {:?}",
-                        self.connect_timeout
-                    )));
-                }
-            };
-        let _ = stream.set_nodelay(true);
+        let stream = connect(addr, self.connect_timeout)
+            .await
+            .map_err(SendError::Connect)?;
         let (send, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| SendError::Connect(e.to_string()))?;
@@ -139,5 +130,17 @@ impl Pool {
             }
         });
         Ok(send)
+    }
+}
+
+/// A TCP connection to backend `addr` (no delay), or why there is none within `timeout`.
+pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer in {timeout:?}")),
     }
 }
