@@ -2,7 +2,7 @@
 //! facts (state heads digest, peer address, endpoints, load) and turns the
 //! failure detector's view into live / suspect / dead per machine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,12 +114,14 @@ pub async fn start(
     });
     seeds.sort();
     seeds.dedup();
+    let protocol = protocol_for(node.read(|doc| doc.network()));
     let config = chitchat_config(
         chitchat_id,
         node.cluster_id.clone(),
         gossip_interval,
         gossip_addr,
         seeds,
+        protocol,
     );
     let kvs = vec![
         (KEY_HEADS.to_string(), node.heads()),
@@ -200,6 +202,9 @@ pub async fn start(
     let self_id = handle.chitchat_id().clone();
     tracker.spawn(async move {
         let mut seen: HashMap<ChitchatId, (u64, Instant, u64)> = HashMap::new();
+        let mut unheard = Unheard::default();
+        let mut doc_rx = node.subscribe_heads();
+        let mut active = others_active(&node);
         let mut tick = tokio::time::interval(gossip_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -265,10 +270,108 @@ pub async fn start(
                     }
                 }
             }
-            node.set_peers(peers.into_iter().map(|(k, (_, v))| (k, v)).collect());
+            let mut peers: HashMap<MachineId, PeerInfo> =
+                peers.into_iter().map(|(k, (_, v))| (k, v)).collect();
+            if doc_rx.has_changed().unwrap_or(false) {
+                doc_rx.borrow_and_update();
+                active = others_active(&node);
+            }
+            unheard.fill(&mut peers, &active, now, UNHEARD_DEAD_AFTER);
+            node.set_peers(peers);
         }
     });
     Ok(Membership { handle })
+}
+
+/// How long gossip forgets a dead machine after its death. Each restart of
+/// an agent is a new generation in gossip, and every datagram's digest lists
+/// every generation gossip still holds: with chitchat's own grace of a day,
+/// an agent in a crash loop grew every machine's digest past one datagram
+/// within the hour, and gossip stopped everywhere. A dead generation leaves
+/// the digests at half this time and the state at this time.
+pub const DEAD_FORGOTTEN_AFTER: Duration = Duration::from_secs(600);
+
+/// A machine of the state that gossip has never mentioned for this long
+/// (since this agent noticed it) is dead: gossip forgot it or never had it.
+const UNHEARD_DEAD_AFTER: Duration = Duration::from_secs(10);
+
+/// Every other active machine of the state.
+fn others_active(node: &Node) -> HashSet<MachineId> {
+    node.read(|doc| {
+        doc.machines()
+            .into_iter()
+            .filter(|m| m.state == uc_crdt::MachineState::Active && m.id != node.machine_id)
+            .map(|m| m.id)
+            .collect()
+    })
+}
+
+/// The machines of the state that gossip says nothing about: one it knew
+/// and forgot (dead for `DEAD_FORGOTTEN_AFTER`) stays dead with the time it
+/// was last seen; one it never had is dead once it has been missing a while
+/// (a new machine is in gossip within a few rounds).
+#[derive(Default)]
+struct Unheard {
+    last_seen_ms: HashMap<MachineId, u64>,
+    missing_since: HashMap<MachineId, Instant>,
+}
+
+impl Unheard {
+    fn fill(
+        &mut self,
+        peers: &mut HashMap<MachineId, PeerInfo>,
+        active: &HashSet<MachineId>,
+        now: Instant,
+        after: Duration,
+    ) {
+        self.last_seen_ms.retain(|id, _| active.contains(id));
+        self.missing_since
+            .retain(|id, _| active.contains(id) && !peers.contains_key(id));
+        for (id, p) in peers.iter() {
+            self.last_seen_ms.insert(id.clone(), p.last_seen_unix_ms);
+        }
+        for id in active {
+            if peers.contains_key(id) {
+                continue;
+            }
+            let since = *self.missing_since.entry(id.clone()).or_insert(now);
+            let last = self.last_seen_ms.get(id).copied();
+            if last.is_some() || now.duration_since(since) >= after {
+                peers.insert(
+                    id.clone(),
+                    PeerInfo {
+                        liveness: Liveness::Dead,
+                        last_seen_unix_ms: last.unwrap_or(0),
+                        peer_addr: None,
+                        heads: None,
+                        mesh_backend: None,
+                        learned_endpoints: Vec::new(),
+                        runtimes: None,
+                        images: Vec::new(),
+                        free_memory: None,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The gossip wire protocol for a cluster on `network`, the same on every
+/// machine. Every datagram carries a digest of every machine gossip knows,
+/// about 73 bytes each in V0, and a digest must fit in one UDP datagram
+/// (65,507 bytes; chitchat's gossip task panics when it does not): V0 holds
+/// about 890 entries. A /16 or smaller network (254 machines at most) stays
+/// on V0, with room for the old generations of restarted machines. Larger
+/// networks (up to a /14, 1022 machines: the state refuses larger ones) use
+/// V1, which zstd-compresses the digest; it costs an idle agent more CPU
+/// (zstd contexts per datagram, perf), which V0 spares the usual small
+/// cluster. bench/gossip-sim.sh measures both.
+pub fn protocol_for(network: uc_proto::Subnet) -> ProtocolVersion {
+    if network.prefix() >= 16 {
+        ProtocolVersion::V0
+    } else {
+        ProtocolVersion::V1
+    }
 }
 
 /// How every agent configures chitchat (also used by the gossip simulation
@@ -279,6 +382,7 @@ pub fn chitchat_config(
     gossip_interval: Duration,
     listen_addr: SocketAddr,
     seed_nodes: Vec<String>,
+    protocol_version: ProtocolVersion,
 ) -> ChitchatConfig {
     ChitchatConfig {
         chitchat_id,
@@ -294,17 +398,12 @@ pub fn chitchat_config(
             sampling_window_size: 1000,
             max_interval: Duration::from_secs(10),
             initial_interval: gossip_interval,
-            dead_node_grace_period: Duration::from_secs(24 * 3600),
+            dead_node_grace_period: DEAD_FORGOTTEN_AFTER,
         },
         marked_for_deletion_grace_period: Duration::from_secs(3600),
         catchup_callback: None,
         extra_liveness_predicate: None,
-        // V1 would zstd-compress the digest every datagram carries: 3.5 to
-        // 4.5 times fewer bytes at 20 to 100 machines (bench/gossip-sim.sh
-        // with V1), but creating zstd contexts per datagram made it the
-        // largest CPU cost of an idle agent (perf), and a personal cloud is
-        // small. V0 keeps idle CPU near Serf's (bench/spine.sh).
-        protocol_version: ProtocolVersion::V0,
+        protocol_version,
     }
 }
 
@@ -352,6 +451,136 @@ async fn next_text(rx: &mut Option<tokio::sync::watch::Receiver<String>>) -> Opt
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, HashSet};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use chitchat::transport::ChannelTransport;
+    use chitchat::{ChitchatId, ProtocolVersion, spawn_chitchat};
+    use tokio::time::Instant;
+    use uc_proto::MachineId;
+
+    use super::{Unheard, chitchat_config};
+    use crate::node::{Liveness, PeerInfo};
+
+    fn machine(i: u8) -> MachineId {
+        MachineId::from_bytes([i; 16])
+    }
+
+    fn live(last_seen_unix_ms: u64) -> PeerInfo {
+        PeerInfo {
+            liveness: Liveness::Live,
+            last_seen_unix_ms,
+            peer_addr: None,
+            heads: None,
+            mesh_backend: None,
+            learned_endpoints: Vec::new(),
+            runtimes: None,
+            images: Vec::new(),
+            free_memory: None,
+        }
+    }
+
+    #[test]
+    fn a_machine_gossip_forgot_or_never_had_is_dead() {
+        let (a, b, c) = (machine(1), machine(2), machine(3));
+        let active: HashSet<MachineId> = [a.clone(), b.clone(), c.clone()].into();
+        let after = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut unheard = Unheard::default();
+        // a and b in gossip; c (just added to the state) not yet.
+        let mut peers = HashMap::from([(a.clone(), live(100)), (b.clone(), live(200))]);
+        unheard.fill(&mut peers, &active, t0, after);
+        assert_eq!(peers.len(), 2, "c is not dead yet: it may be joining");
+        // Gossip forgets b (dead for a while); c is still missing.
+        let mut peers = HashMap::from([(a.clone(), live(300))]);
+        unheard.fill(&mut peers, &active, t0 + Duration::from_secs(5), after);
+        assert_eq!(peers[&b].liveness, Liveness::Dead);
+        assert_eq!(peers[&b].last_seen_unix_ms, 200);
+        assert!(!peers.contains_key(&c));
+        // c, never heard of for 10 s, is dead, never seen.
+        let mut peers = HashMap::from([(a.clone(), live(400))]);
+        unheard.fill(&mut peers, &active, t0 + Duration::from_secs(10), after);
+        assert_eq!(peers[&c].liveness, Liveness::Dead);
+        assert_eq!(peers[&c].last_seen_unix_ms, 0);
+        // c shows up: gossip's word wins; b removed from the state: gone.
+        let active: HashSet<MachineId> = [a.clone(), c.clone()].into();
+        let mut peers = HashMap::from([(a.clone(), live(500)), (c.clone(), live(501))]);
+        unheard.fill(&mut peers, &active, t0 + Duration::from_secs(11), after);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[&c].liveness, Liveness::Live);
+    }
+
+    /// An agent in a crash loop: every start is a new generation that every
+    /// digest lists until gossip forgets it. With chitchat's grace of a day,
+    /// about 900 restarts made a digest larger than a datagram and the
+    /// other machines' gossip task panicked.
+    #[tokio::test(start_paused = true)]
+    async fn gossip_survives_an_agent_restarting_a_thousand_times() {
+        let transport = ChannelTransport::with_mtu(65_507);
+        let addr = |i: u8| SocketAddr::from(([10, 210, i, 1], 51001));
+        let interval = Duration::from_millis(300);
+        let node = |i: u8, generation: u64| {
+            chitchat_config(
+                ChitchatId::new(format!("{:032x}", i), generation, addr(i)),
+                "c".into(),
+                interval,
+                addr(i),
+                (1..=3)
+                    .filter(|j| *j != i)
+                    .map(|j| addr(j).to_string())
+                    .collect(),
+                ProtocolVersion::V0,
+            )
+        };
+        let a = spawn_chitchat(node(1, 1), Vec::new(), &transport)
+            .await
+            .unwrap();
+        // 1,100 starts of machine 2, 0.6 s apart: 11 minutes.
+        for generation in 0..1100u64 {
+            let b = spawn_chitchat(node(2, generation), Vec::new(), &transport)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            b.shutdown().await.unwrap();
+        }
+        let in_digest = a
+            .with_chitchat(|c| {
+                let leaving: HashSet<&ChitchatId> = c.scheduled_for_deletion_nodes().collect();
+                c.node_states()
+                    .keys()
+                    .filter(|id| id.node_id.ends_with('2') && !leaving.contains(id))
+                    .count()
+            })
+            .await;
+        // A generation leaves the digests 5 minutes after its death: about
+        // 500 of the 1,100 are still listed.
+        assert!(
+            (400..700).contains(&in_digest),
+            "machine 1's digest lists {in_digest} generations of machine 2"
+        );
+        // Machine 1's gossip still runs: a new machine is seen live.
+        let c = spawn_chitchat(node(3, 1), Vec::new(), &transport)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let sees = a
+            .with_chitchat(|ch| ch.live_nodes().any(|id| id.node_id.ends_with('3')))
+            .await;
+        assert!(sees, "machine 1's gossip stopped");
+        c.shutdown().await.unwrap();
+        a.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn networks_larger_than_a_slash_16_gossip_compressed_digests() {
+        let v = |n: &str| super::protocol_for(n.parse().unwrap());
+        assert_eq!(v("10.210.0.0/16"), ProtocolVersion::V0);
+        assert_eq!(v("10.9.0.0/22"), ProtocolVersion::V0);
+        assert_eq!(v("10.208.0.0/15"), ProtocolVersion::V1);
+        assert_eq!(v("10.208.0.0/14"), ProtocolVersion::V1);
+    }
+
     #[test]
     fn learned_endpoints_parse() {
         let v = super::parse_learned("a=1.2.3.4:5,bad,b=[fd00::1]:7,c=x");

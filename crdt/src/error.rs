@@ -32,6 +32,10 @@ pub enum Error {
     Sync { len: usize, reason: String },
     #[error("network {0} is too small for /24 machine subnets: use a prefix of /22 or shorter")]
     NetworkTooSmall(Subnet),
+    #[error(
+        "network {0} is too large: a cluster holds at most 1022 machines (a /14); use a prefix of /14 or longer"
+    )]
+    NetworkTooLarge(Subnet),
     #[error("no free /24 left in network {0}")]
     NetworkFull(Subnet),
     #[error(

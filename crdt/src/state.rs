@@ -263,6 +263,9 @@ fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
     h
 }
 
+/// The largest cluster network, /14: 1022 machine /24s.
+const MIN_NETWORK_PREFIX: u8 = 14;
+
 impl ClusterState {
     /// A new cluster; `actor` is 16 bytes chosen by the caller (random per
     /// agent process). Only the very first machine of a cluster calls this:
@@ -275,6 +278,12 @@ impl ClusterState {
     ) -> Result<Self, Error> {
         if network.prefix() > 22 {
             return Err(Error::NetworkTooSmall(network));
+        }
+        // Every gossip datagram carries a digest of every machine: past
+        // about a thousand machines it no longer fits in one UDP datagram,
+        // even compressed (the agent's membership, bench/gossip-sim.sh).
+        if network.prefix() < MIN_NETWORK_PREFIX {
+            return Err(Error::NetworkTooLarge(network));
         }
         let mut doc = AutoCommit::new().with_actor(ActorId::from(actor));
         let cluster = doc

@@ -121,6 +121,10 @@ fn new_cluster_accessors() {
     let err = ClusterState::new_cluster("c1", sn("10.210.0.0/23"), [1; 16], 0).unwrap_err();
     assert!(matches!(err, Error::NetworkTooSmall(_)), "{err}");
     assert!(err.to_string().contains("10.210.0.0/23"), "{err}");
+    let err = ClusterState::new_cluster("c1", sn("10.0.0.0/13"), [1; 16], 0).unwrap_err();
+    assert!(matches!(err, Error::NetworkTooLarge(_)), "{err}");
+    assert!(err.to_string().contains("10.0.0.0/13"), "{err}");
+    assert!(ClusterState::new_cluster("c1", sn("10.0.0.0/14"), [1; 16], 0).is_ok());
 }
 
 #[test]
