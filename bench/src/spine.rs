@@ -54,6 +54,9 @@ struct Figures {
 #[derive(Clone, Copy)]
 struct Idle {
     rss_kb: u64,
+    /// Anonymous memory (heap, stacks): RSS without the mapped files
+    /// (the program's code, which the agents on this host share).
+    anon_kb: u64,
     cpu_percent: f64,
 }
 
@@ -299,6 +302,10 @@ async fn ucd_soak(clients: &[ApiClient<Channel>], n: usize, secs: u64) -> anyhow
     Ok(s)
 }
 
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
 /// RSS at the end and CPU over `secs` of an idle process.
 fn idle(pid: u32, secs: u64) -> anyhow::Result<Idle> {
     std::thread::sleep(Duration::from_secs(5));
@@ -307,15 +314,18 @@ fn idle(pid: u32, secs: u64) -> anyhow::Result<Idle> {
     std::thread::sleep(Duration::from_secs(secs));
     let t1 = uc_bench::cpu_secs(pid)?;
     let wall = start.elapsed().as_secs_f64();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("no VmRSS")?
-        .parse()?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        Ok(rollup
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .with_context(|| format!("no {name} in smaps_rollup"))?
+            .parse()?)
+    };
     Ok(Idle {
-        rss_kb,
+        rss_kb: field("Rss:")?,
+        anon_kb: field("Anonymous:")?,
         cpu_percent: (t1 - t0) / wall * 100.0,
     })
 }
@@ -578,13 +588,19 @@ fn render(f: &Figures, args: &Args) -> String {
     }
     if let Some((u, sf)) = f.idle {
         s.push_str(&format!(
-            "### Idle agent with 3 peers ({} s)\n\n| | RSS | CPU (share of one core) |\n|---|---|---|\n| ucd | {:.1} MB | {:.2} % |\n| Serf | {:.1} MB | {:.2} % |\n| ratio ucd/Serf | {:.2} | {:.2} |\n\n",
+            "### Idle agent with 3 peers ({} s)\n\n| | RSS | of which anonymous (heap, stacks) | of which file pages (code) | CPU (share of one core) |\n|---|---|---|---|---|\n| ucd | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} % |\n| Serf | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} % |\n| ratio ucd/Serf | {:.2} | {:.2} | {:.2} | {:.2} |\n\nFile pages are the program's code and data as mapped from its binary, shared by every process running it (the 4 agents here); ucd is one binary for everything (mesh, DNS, ingress, workloads, ACME), 25 MB of code.\n\n",
             args.idle_secs,
-            u.rss_kb as f64 / 1024.0,
+            mb(u.rss_kb),
+            mb(u.anon_kb),
+            mb(u.rss_kb.saturating_sub(u.anon_kb)),
             u.cpu_percent,
-            sf.rss_kb as f64 / 1024.0,
+            mb(sf.rss_kb),
+            mb(sf.anon_kb),
+            mb(sf.rss_kb.saturating_sub(sf.anon_kb)),
             sf.cpu_percent,
             u.rss_kb as f64 / sf.rss_kb as f64,
+            u.anon_kb as f64 / sf.anon_kb as f64,
+            u.rss_kb.saturating_sub(u.anon_kb) as f64 / sf.rss_kb.saturating_sub(sf.anon_kb) as f64,
             u.cpu_percent / sf.cpu_percent
         ));
     }
