@@ -19,8 +19,9 @@ for p in "${packages[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
-  # Something on some machines cleans /tmp while apt runs: give apt its own TMPDIR.
-  export TMPDIR; TMPDIR=$(mktemp -d /var/tmp/uc-apt.XXXXXX)
+  # Something on some machines cleans /tmp while apt runs: give apt its own TMPDIR
+  # (apt's alone: this file is sourced, and the directory is gone afterwards).
+  apt_tmp=$(mktemp -d /var/tmp/uc-apt.XXXXXX)
   export DEBIAN_FRONTEND=noninteractive
   # Packages such as docker.io and openssh-server start their daemon when installed. uc
   # starts what it needs itself (the tests run their own dockerd inside a network
@@ -33,11 +34,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     chmod 755 /usr/sbin/policy-rc.d
   fi
   trap '[ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d' EXIT
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  TMPDIR=$apt_tmp apt-get update -qq
+  TMPDIR=$apt_tmp apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
   trap - EXIT
-  rm -rf "$TMPDIR"
+  rm -rf "$apt_tmp"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

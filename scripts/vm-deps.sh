@@ -16,12 +16,13 @@ kit=${1:-/var/lib/uc/vm-kit}
 source "$here/deps.sh" busybox-static binutils lz4 e2fsprogs qemu-utils iproute2
 
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-  export TMPDIR; TMPDIR=$(mktemp -d /var/tmp/uc-apt.XXXXXX)
+  # apt's own TMPDIR, for apt alone (vm-kit.sh runs after it is gone).
+  apt_tmp=$(mktemp -d /var/tmp/uc-apt.XXXXXX)
   export DEBIAN_FRONTEND=noninteractive
   echo "installing: qemu-system-x86"
-  if ! apt-get install -y -qq --no-install-recommends qemu-system-x86 >"$TMPDIR/plain.log" 2>&1; then
+  if ! TMPDIR=$apt_tmp apt-get install -y -qq --no-install-recommends qemu-system-x86 >"$apt_tmp/plain.log" 2>&1; then
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    [ -n "$codename" ] || { cat "$TMPDIR/plain.log" >&2; echo "error: cannot install qemu-system-x86" >&2; exit 1; }
+    [ -n "$codename" ] || { cat "$apt_tmp/plain.log" >&2; echo "error: cannot install qemu-system-x86" >&2; exit 1; }
     echo "qemu-system-x86 from $codename does not install here; taking it from $codename-backports"
     bpo=/var/tmp/uc-apt-backports
     mkdir -p "$bpo/lists/partial"
@@ -34,11 +35,11 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
 Dir::Etc::SourceList "$bpo/backports.list";
 Dir::State::Lists "$bpo/lists";
 EOF
-    APT_CONFIG=$bpo/apt.conf apt-get update -qq
-    APT_CONFIG=$bpo/apt.conf apt-get install -y -qq --no-install-recommends \
+    TMPDIR=$apt_tmp APT_CONFIG=$bpo/apt.conf apt-get update -qq
+    TMPDIR=$apt_tmp APT_CONFIG=$bpo/apt.conf apt-get install -y -qq --no-install-recommends \
       -t "$codename-backports" qemu-system-x86 >/dev/null
   fi
-  rm -rf "$TMPDIR"
+  rm -rf "$apt_tmp"
 fi
 qemu-system-x86_64 --version | head -n1
 
