@@ -34,7 +34,8 @@ fn main() {
         .map_or(1, |a| a.parse().expect("SEED is a number"));
     let scenario = Growth {
         replicas,
-        network: "10.0.0.0/8".parse().expect("valid network"),
+        // The largest network a cluster may have: 1022 machines.
+        network: "10.0.0.0/14".parse().expect("valid network"),
         joins_per_round: (replicas / 20).max(1),
         edits_per_round: 5,
         loss_per_mille: 100,

@@ -12,7 +12,7 @@ fn growth_scenario_converges() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let scenario = Growth {
         replicas: 40,
-        network: "10.0.0.0/8".parse().unwrap(),
+        network: "10.0.0.0/14".parse().unwrap(),
         joins_per_round: 5,
         edits_per_round: 3,
         loss_per_mille: 100,
