@@ -703,17 +703,7 @@ mod tests {
             })
             .unwrap();
         }
-        let peer = |liveness| PeerInfo {
-            liveness,
-            last_seen_unix_ms: 0,
-            peer_addr: None,
-            heads: None,
-            mesh_backend: None,
-            learned_endpoints: vec![],
-            runtimes: None,
-            images: vec![],
-            free_memory: None,
-        };
+        let peer = |liveness| PeerInfo::bare(liveness, 0);
         let peers = HashMap::from([
             (ids[1].clone(), peer(Liveness::Suspect)),
             (ids[2].clone(), peer(Liveness::Dead)),

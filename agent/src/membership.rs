@@ -339,17 +339,7 @@ impl Unheard {
             if last.is_some() || now.duration_since(since) >= after {
                 peers.insert(
                     id.clone(),
-                    PeerInfo {
-                        liveness: Liveness::Dead,
-                        last_seen_unix_ms: last.unwrap_or(0),
-                        peer_addr: None,
-                        heads: None,
-                        mesh_backend: None,
-                        learned_endpoints: Vec::new(),
-                        runtimes: None,
-                        images: Vec::new(),
-                        free_memory: None,
-                    },
+                    PeerInfo::bare(Liveness::Dead, last.unwrap_or(0)),
                 );
             }
         }
@@ -468,17 +458,7 @@ mod tests {
     }
 
     fn live(last_seen_unix_ms: u64) -> PeerInfo {
-        PeerInfo {
-            liveness: Liveness::Live,
-            last_seen_unix_ms,
-            peer_addr: None,
-            heads: None,
-            mesh_backend: None,
-            learned_endpoints: Vec::new(),
-            runtimes: None,
-            images: Vec::new(),
-            free_memory: None,
-        }
+        PeerInfo::bare(Liveness::Live, last_seen_unix_ms)
     }
 
     #[test]

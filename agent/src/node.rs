@@ -55,6 +55,24 @@ pub struct PeerInfo {
     pub free_memory: Option<u64>,
 }
 
+impl PeerInfo {
+    /// A peer of which nothing is known beyond its liveness and when it was
+    /// last seen.
+    pub fn bare(liveness: Liveness, last_seen_unix_ms: u64) -> PeerInfo {
+        PeerInfo {
+            liveness,
+            last_seen_unix_ms,
+            peer_addr: None,
+            heads: None,
+            mesh_backend: None,
+            learned_endpoints: Vec::new(),
+            runtimes: None,
+            images: Vec::new(),
+            free_memory: None,
+        }
+    }
+}
+
 /// Counters shown by `uc status`.
 #[derive(Default, Debug)]
 pub struct Metrics {
