@@ -297,13 +297,9 @@ const UNHEARD_DEAD_AFTER: Duration = Duration::from_secs(10);
 
 /// Every other active machine of the state.
 fn others_active(node: &Node) -> HashSet<MachineId> {
-    node.read(|doc| {
-        doc.machines()
-            .into_iter()
-            .filter(|m| m.state == uc_crdt::MachineState::Active && m.id != node.machine_id)
-            .map(|m| m.id)
-            .collect()
-    })
+    let mut active = node.active_machines();
+    active.remove(&node.machine_id);
+    active
 }
 
 /// The machines of the state that gossip says nothing about: one it knew

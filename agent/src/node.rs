@@ -182,6 +182,17 @@ impl Node {
         self.replica.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The ids of the document's active machines, this one included.
+    pub fn active_machines(&self) -> std::collections::HashSet<MachineId> {
+        self.read(|doc| {
+            doc.machines()
+                .into_iter()
+                .filter(|m| m.is_active())
+                .map(|m| m.id)
+                .collect()
+        })
+    }
+
     /// Reads the document.
     pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
         f(&self.lock().doc)

@@ -82,16 +82,7 @@ pub fn spawn(node: Arc<Node>, tracker: &TaskTracker, shutdown: CancellationToken
             // Reading the document is the costly part of a tick: only redo
             // it when the document changed.
             if active.0 != ours {
-                active = (
-                    ours.clone(),
-                    node.read(|doc| {
-                        doc.machines()
-                            .into_iter()
-                            .filter(|m| m.state == uc_crdt::MachineState::Active)
-                            .map(|m| m.id)
-                            .collect()
-                    }),
-                );
+                active = (ours.clone(), node.active_machines());
             }
             let active = &active.1;
             if !node.is_ready() {
