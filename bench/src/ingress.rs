@@ -297,9 +297,18 @@ struct Held {
     request: Vec<f64>,
 }
 
-/// A packet of a connection: time, whether the client sent it, flags, payload length, and the
-/// sequence range of its payload (`seq A:B` as tcpdump prints it; a retransmission repeats it).
-type Pkt = (f64, bool, String, usize, String);
+/// A packet of a connection.
+struct Pkt {
+    /// Seconds, as tcpdump prints them.
+    t: f64,
+    from_client: bool,
+    flags: String,
+    /// Payload length.
+    len: usize,
+    /// The sequence range of its payload (`A:B` as tcpdump prints it; a retransmission repeats
+    /// it).
+    seq: String,
+}
 
 /// One packet of `tcpdump -r FILE -nn -tt`, with its client port (the side that is not
 /// PROXY_PORT).
@@ -336,7 +345,16 @@ fn packet(line: &str) -> Option<(u16, Pkt)> {
         .to_owned();
     let from_client = dst == PROXY_PORT;
     let port = if from_client { src } else { dst };
-    Some((port, (t, from_client, flags, len, seq)))
+    Some((
+        port,
+        Pkt {
+            t,
+            from_client,
+            flags,
+            len,
+            seq,
+        },
+    ))
 }
 
 fn held(text: &str) -> Held {
@@ -344,8 +362,8 @@ fn held(text: &str) -> Held {
     let mut open: std::collections::HashMap<u16, Vec<Pkt>> = Default::default();
     let mut done: Vec<Vec<Pkt>> = Vec::new();
     for (port, p) in text.lines().filter_map(packet) {
-        if p.1
-            && p.2 == "S"
+        if p.from_client
+            && p.flags == "S"
             && let Some(old) = open.insert(port, Vec::new())
         {
             done.push(old);
@@ -357,28 +375,31 @@ fn held(text: &str) -> Held {
     done.extend(open.into_values());
     let mut h = Held::default();
     for c in done {
-        let Some(hello) = c.iter().find(|p| p.1 && p.3 > 0) else {
+        let Some(hello) = c.iter().find(|p| p.from_client && p.len > 0) else {
             continue;
         };
-        let Some(flight) = c.iter().find(|p| !p.1 && p.3 > 0 && p.0 >= hello.0) else {
+        let Some(flight) = c
+            .iter()
+            .find(|p| !p.from_client && p.len > 0 && p.t >= hello.t)
+        else {
             continue;
         };
-        let Some(fin) = c.iter().find(|p| !p.1 && p.2.contains('F')) else {
+        let Some(fin) = c.iter().find(|p| !p.from_client && p.flags.contains('F')) else {
             continue;
         };
         // The request is the client's last data before the proxy ends the connection, as it
         // was first sent.
         let Some(last) = c
             .iter()
-            .rfind(|p| p.1 && p.3 > 0 && p.0 > flight.0 && p.0 <= fin.0)
+            .rfind(|p| p.from_client && p.len > 0 && p.t > flight.t && p.t <= fin.t)
         else {
             continue;
         };
-        let Some(req) = c.iter().find(|p| p.1 && p.4 == last.4) else {
+        let Some(req) = c.iter().find(|p| p.from_client && p.seq == last.seq) else {
             continue;
         };
-        h.handshake.push((flight.0 - hello.0) * 1e3);
-        h.request.push((fin.0 - req.0) * 1e3);
+        h.handshake.push((flight.t - hello.t) * 1e3);
+        h.request.push((fin.t - req.t) * 1e3);
     }
     h
 }
