@@ -16,14 +16,14 @@ use clap::Parser;
 use tokio::time::Instant;
 use uc_proto::Subnet;
 
-/// The smallest cluster network (from 10.0.0.0) whose /24s hold `n`
-/// machines (the first and last /24 are never used).
+/// The smallest cluster network (from 10.0.0.0, a /8 at most) that holds
+/// `n` machines.
 fn network_for(n: usize) -> Subnet {
-    let mut prefix = 22u8;
-    while prefix > 0 && (1usize << (24 - prefix)) - 2 < n {
-        prefix -= 1;
-    }
-    Subnet::new(std::net::Ipv4Addr::new(10, 0, 0, 0), prefix).expect("10.0.0.0 is aligned")
+    (8..=22u8)
+        .rev()
+        .map(|p| Subnet::new(std::net::Ipv4Addr::new(10, 0, 0, 0), p).expect("10.0.0.0 is aligned"))
+        .find(|s| uc_crdt::machine_slots(*s) as usize >= n)
+        .unwrap_or_else(|| "10.0.0.0/8".parse().expect("a network"))
 }
 
 #[derive(Parser)]

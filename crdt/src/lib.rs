@@ -17,6 +17,7 @@ pub mod sim;
 pub use error::{Error, JoinTokenProblem};
 pub use ingress::{AcmeAccount, CertRecord, Challenge, OrderStatus};
 pub use model::{Container, DesiredState, Fix, Machine, MachineState, NewMachine, Service};
+pub use resolve::machine_slots;
 pub use state::{ClusterState, PeerSync, check_name};
 
 #[cfg(test)]

@@ -29,11 +29,19 @@ use crate::model::{Container, Fix, Machine, Service};
 /// Machine subnets are /24s.
 pub(crate) const MACHINE_PREFIX: u8 = 24;
 
+/// How many machines `network` holds: its /24s but the first and the last
+/// (254 for a /16; none for a network smaller than a /23).
+pub fn machine_slots(network: Subnet) -> u32 {
+    MACHINE_PREFIX
+        .checked_sub(network.prefix())
+        .and_then(|bits| 1u32.checked_shl(u32::from(bits)))
+        .map_or(0, |count| count.saturating_sub(2))
+}
+
 /// The lowest /24 of `network` not in `used`, skipping the first and the
 /// last /24 of the network (for a /16: indices 1..=254).
 pub(crate) fn lowest_free_subnet(network: Subnet, used: &BTreeSet<Subnet>) -> Option<Subnet> {
-    let count = 1u32.checked_shl(u32::from(MACHINE_PREFIX.checked_sub(network.prefix())?))?;
-    (1..count.saturating_sub(1))
+    (1..=machine_slots(network))
         .filter_map(|i| network.child(MACHINE_PREFIX, i))
         .find(|s| !used.contains(s))
 }
@@ -45,8 +53,10 @@ pub(crate) fn probed_free_subnet(
     used: &BTreeSet<Subnet>,
     id: &str,
 ) -> Option<Subnet> {
-    let count = 1u32.checked_shl(u32::from(MACHINE_PREFIX.checked_sub(network.prefix())?))?;
-    let usable = count.checked_sub(2).filter(|n| *n > 0)?;
+    let usable = machine_slots(network);
+    if usable == 0 {
+        return None;
+    }
     let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
@@ -261,5 +271,15 @@ mod tests {
         assert_eq!(lowest_free_subnet(net, &used), None);
         let tiny: Subnet = "10.1.0.0/25".parse().unwrap();
         assert_eq!(lowest_free_subnet(tiny, &BTreeSet::new()), None);
+        let slots = |n: &str| machine_slots(n.parse().unwrap());
+        assert_eq!(
+            (
+                slots("10.1.0.0/22"),
+                slots("10.1.0.0/16"),
+                slots("10.0.0.0/14")
+            ),
+            (2, 254, 1022)
+        );
+        assert_eq!((slots("10.1.0.0/24"), slots("10.1.0.0/25")), (0, 0));
     }
 }
