@@ -142,9 +142,19 @@ struct Shared {
     stopped: UnixStream,
     /// Datagrams dropped on arrival (garbage, unknown peers, bad sources).
     dropped: AtomicU64,
+    /// The outbound path, run by the out thread when the TUN device wakes
+    /// it, and by the in thread straight after it writes to the TUN device:
+    /// what the kernel answers at once (an echo reply, a TCP ACK) is
+    /// already queued there, and leaves without waiting for a thread to
+    /// wake.
+    outbound: Mutex<Outbound>,
 }
 
 impl Shared {
+    fn lock_outbound(&self) -> MutexGuard<'_, Outbound> {
+        self.outbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn peers(&self) -> std::sync::RwLockReadGuard<'_, Peers> {
         self.peers.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -263,6 +273,7 @@ impl UserspaceDevice {
             UnixStream::pair().map_err(|e| err(format!("socket pair: {e}")))?;
         let secret = private.to_x25519();
         let public = x25519::PublicKey::from(&secret);
+        let max_segments = udp_state.max_gso_segments();
         let shared = Arc::new(Shared {
             name: name.to_string(),
             tun,
@@ -277,6 +288,7 @@ impl UserspaceDevice {
             stop: AtomicBool::new(false),
             stopped,
             dropped: AtomicU64::new(0),
+            outbound: Mutex::new(Outbound::new(max_segments)),
         });
         tracing::info!(
             interface = name,
@@ -526,27 +538,46 @@ impl Run {
     }
 }
 
-/// TUN to network: read, split, encrypt, send in GSO runs per peer.
-fn outbound(s: &Shared) {
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + GSO_BUF];
-    let mut bufs = vec![vec![0u8; MAX_PACKET]; IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut run = Run::new(s.udp_state.max_gso_segments());
-    while s.wait(s.tun.as_fd(), PollFlags::POLLIN) {
+/// The outbound path's buffers. Whoever holds them reads the TUN device,
+/// so packets of one flow leave in the order they were read.
+struct Outbound {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    run: Run,
+}
+
+impl Outbound {
+    fn new(max_segments: usize) -> Outbound {
+        Outbound {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + GSO_BUF],
+            bufs: vec![vec![0u8; MAX_PACKET]; IDEAL_BATCH_SIZE],
+            sizes: vec![0usize; IDEAL_BATCH_SIZE],
+            run: Run::new(max_segments),
+        }
+    }
+
+    /// Reads the TUN device until it is empty: split, encrypt, send in GSO
+    /// runs per peer.
+    fn drain(&mut self, s: &Shared) {
         loop {
-            let n = match s.tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!(interface = %s.name, error = %e, "reading the TUN device");
-                    break;
-                }
-            };
-            run.max_segments = s.udp_state.max_gso_segments().max(1);
+            let n =
+                match s
+                    .tun
+                    .recv_multiple(&mut self.original, &mut self.bufs, &mut self.sizes, 0)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::debug!(interface = %s.name, error = %e, "reading the TUN device");
+                        break;
+                    }
+                };
+            self.run.max_segments = s.udp_state.max_gso_segments().max(1);
             let peers = s.peers();
             let mut current: Option<(Arc<Peer>, MutexGuard<'_, Tunn>)> = None;
-            for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+            for (buf, &size) in self.bufs.iter().zip(&self.sizes).take(n) {
                 let packet = &buf[..size];
                 let Some(dst) = Tunn::dst_address(packet) else {
                     continue;
@@ -557,7 +588,7 @@ fn outbound(s: &Shared) {
                 if current.as_ref().is_none_or(|(p, _)| !Arc::ptr_eq(p, peer)) {
                     if let Some((p, guard)) = current.take() {
                         drop(guard);
-                        run.flush(s, p.endpoint(), 0);
+                        self.run.flush(s, p.endpoint(), 0);
                     }
                     // The guard borrows the peer through `peers`, which
                     // outlives this batch.
@@ -566,7 +597,7 @@ fn outbound(s: &Shared) {
                 let Some((p, tunn)) = current.as_mut() else {
                     continue;
                 };
-                let written = match tunn.encapsulate(packet, run.tail()) {
+                let written = match tunn.encapsulate(packet, self.run.tail()) {
                     TunnResult::WriteToNetwork(out) => out.len(),
                     TunnResult::Err(e) => {
                         tracing::debug!(interface = %s.name, error = ?e, "encapsulating");
@@ -574,17 +605,24 @@ fn outbound(s: &Shared) {
                     }
                     _ => continue,
                 };
-                if !run.fits(written) {
+                if !self.run.fits(written) {
                     let to = p.endpoint();
-                    run.flush(s, to, written);
+                    self.run.flush(s, to, written);
                 }
-                run.push(written);
+                self.run.push(written);
             }
             if let Some((p, guard)) = current.take() {
                 drop(guard);
-                run.flush(s, p.endpoint(), 0);
+                self.run.flush(s, p.endpoint(), 0);
             }
         }
+    }
+}
+
+/// TUN to network, woken by the TUN device.
+fn outbound(s: &Shared) {
+    while s.wait(s.tun.as_fd(), PollFlags::POLLIN) {
+        s.lock_outbound().drain(s);
     }
 }
 
@@ -669,6 +707,10 @@ fn inbound(s: &Shared) {
             }
             drop(peers);
             to_tun.flush(s);
+            // Unless the out thread is at it already.
+            if let Ok(mut out) = s.outbound.try_lock() {
+                out.drain(s);
+            }
         }
     }
 }
