@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh nftables iputils-ping openssh-server openssh-client
-cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
+cargo build --profile dist --locked -p uc-agent -p uc-cli
+cargo build --release --locked -p uc-bench
 T="${CARGO_TARGET_DIR:-target}/release"
-UC_BIN_DIR="$T" exec "$T"/uc-bench-join --out docs/benchmarks.md "$@"
+D="${CARGO_TARGET_DIR:-target}/dist"
+UC_BIN_DIR="$D" exec "$T"/uc-bench-join --out docs/benchmarks.md "$@"

@@ -9,6 +9,8 @@ source scripts/deps.sh nftables iputils-ping iperf3 wireguard-go wireguard-tools
 if ! command -v boringtun-cli >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/boringtun-cli" ]; then
   cargo install boringtun-cli --locked
 fi
-cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
+cargo build --profile dist --locked -p uc-agent -p uc-cli
+cargo build --release --locked -p uc-bench
 T="${CARGO_TARGET_DIR:-target}/release"
-exec "$T"/uc-bench-mesh --bin-dir "$T" --out docs/benchmarks.md "$@"
+D="${CARGO_TARGET_DIR:-target}/dist"
+exec "$T"/uc-bench-mesh --bin-dir "$D" --out docs/benchmarks.md "$@"

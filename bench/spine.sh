@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh serf
-cargo build --release --locked -p uc-agent -p uc-cli -p uc-bench
+cargo build --profile dist --locked -p uc-agent -p uc-cli
+cargo build --release --locked -p uc-bench
 T="${CARGO_TARGET_DIR:-target}/release"
-exec "$T"/uc-bench-spine --bin-dir "$T" --out docs/benchmarks.md "$@"
+D="${CARGO_TARGET_DIR:-target}/dist"
+exec "$T"/uc-bench-spine --bin-dir "$D" --out docs/benchmarks.md "$@"

@@ -14,9 +14,9 @@ bash scripts/vm-deps.sh || echo "warning: scripts/vm-deps.sh failed: microVMs wi
 # The demo image `uc local up` imports (busybox, serves HTTP on port 80).
 [ -f /var/lib/uc/demo-image.tar ] || scripts/demo-image.sh /var/lib/uc/demo-image.tar
 machines="${UC_LOCAL_MACHINES:-3}"
-echo "building uc (release; the first build takes several minutes)"
-cargo build --release --locked -p uc-agent -p uc-cli
-T="${CARGO_TARGET_DIR:-target}/release"
+echo "building uc (optimized, the dist profile; the first build takes several minutes)"
+cargo build --profile dist --locked -p uc-agent -p uc-cli
+T="${CARGO_TARGET_DIR:-target}/dist"
 install -m 0755 "$T/uc" "$T/ucd" /usr/local/bin/
 if [ -f /var/lib/uc/local/cluster.json ]; then
   /usr/local/bin/uc local down

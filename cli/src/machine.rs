@@ -181,7 +181,7 @@ fn local_ucd(explicit: Option<&Path>, arch: &str) -> anyhow::Result<PathBuf> {
         )
     }
     bail!(
-        "no ucd binary for {arch} to install: {}; build one for {arch} (for example `cargo build --release --target {arch}-unknown-linux-gnu`) and pass it with --binary",
+        "no ucd binary for {arch} to install: {}; build one for {arch} (for example `cargo build --profile dist --target {arch}-unknown-linux-gnu`) and pass it with --binary",
         seen.join(", ")
     )
 }
