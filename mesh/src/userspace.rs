@@ -9,6 +9,10 @@
 //!   datagrams; each is decrypted, checked against the sender's allowed
 //!   IPs, and the packets of one TCP flow are coalesced again into one write
 //!   to the TUN device.
+//! - The in thread, straight after it writes to the TUN device, runs the
+//!   out path itself (under the same lock as the out thread, so a flow's
+//!   packets keep their order): what the kernel answered at once, such as
+//!   an echo reply or a TCP ACK, leaves without waiting for a wake-up.
 //! - A timer thread drives handshakes, keepalives and rekeying.
 //!
 //! The batching (GSO splitting and GRO coalescing on TUN) is tun-rs's, the
