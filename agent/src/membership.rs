@@ -103,15 +103,13 @@ pub async fn start(
     let gossip_addr = SocketAddr::new(mesh_ip, cfg.gossip_port);
     let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), gossip_addr);
     // Seeds: every other machine's management address (gossip runs inside the mesh).
-    let mut seeds: Vec<String> = node.read(|doc| {
-        let addressing = uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network());
-        doc.machines()
-            .into_iter()
-            .filter(|m| m.id != node.machine_id && m.state == uc_crdt::MachineState::Active)
-            .map(|m| SocketAddr::new(addressing.management(m.id.as_str()).into(), cfg.gossip_port))
-            .map(|a| a.to_string())
-            .collect()
-    });
+    let addressing =
+        node.read(|doc| uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network()));
+    let mut seeds: Vec<String> = others_active(&node)
+        .into_iter()
+        .map(|id| SocketAddr::new(addressing.management(id.as_str()).into(), cfg.gossip_port))
+        .map(|a| a.to_string())
+        .collect();
     seeds.sort();
     seeds.dedup();
     let protocol = protocol_for(node.read(|doc| doc.network()));
