@@ -10,6 +10,11 @@ use clap::Parser;
 use serde::Deserialize;
 use uc_proto::Subnet;
 
+/// Gossip round interval when none is configured.
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(300);
+/// Failure detector threshold when none is configured (see [`Config::failure_phi`]).
+pub const DEFAULT_PHI: f64 = 6.0;
+
 /// Command line of `ucd`.
 #[derive(Debug, Parser)]
 #[command(
@@ -97,6 +102,10 @@ pub struct Args {
     /// Gossip round interval in milliseconds.
     #[arg(long, env = "UCD_GOSSIP_INTERVAL_MS")]
     pub gossip_interval_ms: Option<u64>,
+    /// Failure detector threshold (phi): a machine is dead after about this many gossip
+    /// intervals without news of it. Every machine of a cluster should use the same value.
+    #[arg(long, env = "UCD_FAILURE_PHI")]
+    pub failure_phi: Option<f64>,
     /// Endpoints (IP or IP:PORT) where this machine's WireGuard can be reached, in the order
     /// peers should try them (repeatable); default: the advertise address. A bare IP gets the
     /// WireGuard port.
@@ -184,6 +193,7 @@ struct FileConfig {
     vm_kit: Option<PathBuf>,
     vm_accel: Option<String>,
     gossip_interval_ms: Option<u64>,
+    failure_phi: Option<f64>,
     endpoints: Option<Vec<String>>,
     tags: Option<Vec<String>>,
     ingress_http_port: Option<u16>,
@@ -226,6 +236,7 @@ pub struct Config {
     pub vm_kit: PathBuf,
     pub vm_accel: uc_workload::vm::Accel,
     pub gossip_interval: Duration,
+    pub failure_phi: f64,
     pub endpoints: Vec<String>,
     pub tags: Vec<String>,
     pub ingress_http_port: u16,
@@ -373,16 +384,21 @@ impl Args {
                 .map_err(|e: String| anyhow::anyhow!("vm_accel in the config file: {e}"))?,
             (None, None) => uc_workload::vm::Accel::Auto,
         };
-        let gossip_interval = Duration::from_millis(
-            self.gossip_interval_ms
-                .or(file.gossip_interval_ms)
-                .unwrap_or(300),
-        );
+        let gossip_interval = self
+            .gossip_interval_ms
+            .or(file.gossip_interval_ms)
+            .map_or(DEFAULT_GOSSIP_INTERVAL, Duration::from_millis);
         if gossip_interval < Duration::from_millis(10) || gossip_interval > Duration::from_secs(10)
         {
             problems.push(format!(
                 "gossip interval {} ms is out of range (10 to 10000)",
                 gossip_interval.as_millis()
+            ));
+        }
+        let failure_phi = self.failure_phi.or(file.failure_phi).unwrap_or(DEFAULT_PHI);
+        if !(1.0..=16.0).contains(&failure_phi) {
+            problems.push(format!(
+                "failure phi {failure_phi} is out of range (1 to 16)"
             ));
         }
         let ingress_http_port = self
@@ -463,6 +479,7 @@ impl Args {
                 .unwrap_or_else(|| uc_workload::vm::DEFAULT_KIT.into()),
             vm_accel,
             gossip_interval,
+            failure_phi,
             endpoints,
             tags,
             ingress_http_port,
@@ -538,6 +555,10 @@ mod tests {
             "pi.lan",
             "--wg-interface",
             "much-too-long-a-name",
+            "--failure-phi",
+            "0.5",
+            "--gossip-interval-ms",
+            "5",
         ])
         .unwrap_err()
         .to_string();
@@ -546,12 +567,19 @@ mod tests {
         assert!(err.contains("invalid tag"), "{err}");
         assert!(err.contains("invalid --endpoint \"pi.lan\""), "{err}");
         assert!(err.contains("invalid --wg-interface"), "{err}");
+        assert!(err.contains("failure phi 0.5 is out of range"), "{err}");
+        assert!(
+            err.contains("gossip interval 5 ms is out of range"),
+            "{err}"
+        );
     }
 
     #[test]
     fn defaults_and_bootstrap() {
         let c = parse(&["--name", "a", "--advertise-addr", "172.31.0.10", "--init"]).unwrap();
         assert_eq!(c.gossip_port, uc_proto::DEFAULT_GOSSIP_PORT);
+        assert_eq!(c.gossip_interval, DEFAULT_GOSSIP_INTERVAL);
+        assert_eq!(c.failure_phi, DEFAULT_PHI);
         assert_eq!(c.endpoints, vec!["172.31.0.10:51820".to_string()]);
         assert_eq!(c.join_addr().to_string(), "172.31.0.10:51002");
         assert!(matches!(c.bootstrap, Bootstrap::Init { .. }));

@@ -100,6 +100,7 @@ pub async fn start(
 ) -> anyhow::Result<Membership> {
     let cfg = &node.config;
     let gossip_interval = cfg.gossip_interval;
+    let phi = cfg.failure_phi;
     let gossip_addr = SocketAddr::new(mesh_ip, cfg.gossip_port);
     let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), gossip_addr);
     // Seeds: every other machine's management address (gossip runs inside the mesh).
@@ -117,6 +118,7 @@ pub async fn start(
         chitchat_id,
         node.cluster_id.clone(),
         gossip_interval,
+        cfg.failure_phi,
         gossip_addr,
         seeds,
         protocol,
@@ -231,7 +233,7 @@ pub async fn start(
                     let liveness = if live.contains(id) {
                         let timeout = g
                             .failure_detection_timeout(id)
-                            .unwrap_or(gossip_interval * 6);
+                            .unwrap_or(gossip_interval.mul_f64(phi));
                         if since > timeout / 2 {
                             Liveness::Suspect
                         } else {
@@ -364,6 +366,7 @@ pub fn chitchat_config(
     chitchat_id: ChitchatId,
     cluster_id: String,
     gossip_interval: Duration,
+    phi_threshold: f64,
     listen_addr: SocketAddr,
     seed_nodes: Vec<String>,
     protocol_version: ProtocolVersion,
@@ -375,10 +378,10 @@ pub fn chitchat_config(
         listen_addr,
         seed_nodes,
         failure_detector_config: FailureDetectorConfig {
-            // Dead after about 6 gossip intervals without news: 1.8 s at
-            // the default 300 ms (bench/spine.sh measures it, and counts
-            // false deaths in an idle cluster).
-            phi_threshold: 6.0,
+            // Dead after about `phi_threshold` gossip intervals without
+            // news (bench/spine.sh measures it, and counts false deaths in
+            // an idle cluster).
+            phi_threshold,
             sampling_window_size: 1000,
             max_interval: Duration::from_secs(10),
             initial_interval: gossip_interval,
@@ -499,6 +502,7 @@ mod tests {
                 ChitchatId::new(format!("{:032x}", i), generation, addr(i)),
                 "c".into(),
                 interval,
+                crate::config::DEFAULT_PHI,
                 addr(i),
                 (1..=3)
                     .filter(|j| *j != i)

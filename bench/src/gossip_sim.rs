@@ -33,9 +33,12 @@ struct Args {
     /// needs a /14, the largest network a cluster may have).
     #[arg(long, value_delimiter = ',', default_value = "100,254,1000")]
     sizes: Vec<usize>,
-    /// Gossip interval in milliseconds (ucd's default).
-    #[arg(long, default_value_t = 300)]
+    /// Gossip interval in milliseconds (default: ucd's).
+    #[arg(long, default_value_t = uc_agent::config::DEFAULT_GOSSIP_INTERVAL.as_millis() as u64)]
     gossip_ms: u64,
+    /// Failure detector threshold (default: ucd's).
+    #[arg(long, default_value_t = uc_agent::config::DEFAULT_PHI)]
+    phi: f64,
     /// Virtual seconds of steady state over which bytes are counted.
     #[arg(long, default_value_t = 10)]
     window_secs: u64,
@@ -89,6 +92,7 @@ async fn run(n: usize, args: &Args) -> anyhow::Result<Row> {
             ),
             "0123456789abcdef0123456789abcdef".into(),
             interval,
+            args.phi,
             addr(i),
             (0..3.min(n))
                 .filter(|s| *s != i)
@@ -241,8 +245,8 @@ fn main() -> anyhow::Result<()> {
         "<!-- {marker}:begin -->\n### Gossip at scale, simulated (`bench/gossip-sim.sh`)\n\n"
     );
     md.push_str(&format!(
-        "chitchat configured as ucd configures it (gossip every {} ms, 3 peers a round, ucd's four keys per machine; the wire protocol ucd picks for the smallest cluster network that holds the machines: V0 up to a /16, V1, compressed digests, beyond) on chitchat's in-memory transport, which serializes and counts every message, in virtual time (tokio paused clock). The failure detector's window is cut from 1,000 intervals to 100 to fit 1,000 agents in one process; it changes nothing that is sent. Membership: until every machine has seen every machine live. Heads: until a changed heads digest on one machine is seen by all. Bytes: steady state over {} virtual seconds (a round is a digest out, a digest back, and the deltas; a digest lists every machine). Not live: (observer, machine) pairs in which the observer does not hold the machine live, sampled every half interval over the same steady state, of N(N-1) pairs: what a false suspicion looks like at that size.\n\n",
-        args.gossip_ms, args.window_secs
+        "chitchat configured as ucd configures it (gossip every {} ms, dead after phi {}, 3 peers a round, ucd's four keys per machine; the wire protocol ucd picks for the smallest cluster network that holds the machines: V0 up to a /16, V1, compressed digests, beyond) on chitchat's in-memory transport, which serializes and counts every message, in virtual time (tokio paused clock). The failure detector's window is cut from 1,000 intervals to 100 to fit 1,000 agents in one process; it changes nothing that is sent. Membership: until every machine has seen every machine live. Heads: until a changed heads digest on one machine is seen by all. Bytes: steady state over {} virtual seconds (a round is a digest out, a digest back, and the deltas; a digest lists every machine). Not live: (observer, machine) pairs in which the observer does not hold the machine live, sampled every half interval over the same steady state, of N(N-1) pairs: what a false suspicion looks like at that size.\n\n",
+        args.gossip_ms, args.phi, args.window_secs
     ));
     md.push_str("| machines | network, protocol | membership converged | heads digest everywhere | pairs not live, mean / worst | gossip bytes/s per machine | messages/s per machine | bytes per message |\n|---|---|---|---|---|---|---|---|\n");
     for r in &rows {

@@ -57,6 +57,12 @@ struct Idle {
     /// Anonymous memory (heap, stacks): RSS without the mapped files
     /// (the program's code, which the agents on this host share).
     anon_kb: u64,
+    /// Memory the process touched during the window (its working set):
+    /// pages whose accessed bit was set again after being cleared at the
+    /// start (`/proc/PID/clear_refs`, `Referenced:`).
+    referenced_kb: u64,
+    /// Size of the program's executable mappings (its code, resident or not).
+    code_kb: u64,
     cpu_percent: f64,
 }
 
@@ -131,18 +137,24 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.idle_secs > 0 {
         eprintln!("== idle, 1 agent with 3 peers, {} s", args.idle_secs);
-        let mut cluster = Cluster::start(
+        let cluster = Cluster::start(
             ClusterBuilder::new(4)
                 .bin_dir(&bin_dir)
                 .underlay_firewall(false),
         )?;
-        let ucd = idle(cluster.machine(0).pid().context("no pid")?, args.idle_secs)?;
-        for i in 0..4 {
-            cluster.kill9(i)?;
-        }
+        // Serf runs beside the agents, in the same namespaces, so that both
+        // are measured over the same window (this machine is shared).
         let serf = Serf::start(&cluster)?;
-        let serf_idle = idle(serf.children[0].id(), args.idle_secs)?;
+        let pids = [
+            cluster.machine(0).pid().context("no pid")?,
+            serf.children[0].id(),
+        ];
+        let mut both = idle(&pids, args.idle_secs)?.into_iter();
         drop(serf);
+        let (ucd, serf_idle) = (
+            both.next().context("no figures")?,
+            both.next().context("no figures")?,
+        );
         fig.idle = Some((ucd, serf_idle));
     }
     let md = render(&fig, &args);
@@ -306,14 +318,32 @@ fn mb(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
-/// RSS at the end and CPU over `secs` of an idle process.
-fn idle(pid: u32, secs: u64) -> anyhow::Result<Idle> {
+/// RSS at the end, CPU and the memory touched over the same `secs` of each
+/// of the idle processes `pids`.
+fn idle(pids: &[u32], secs: u64) -> anyhow::Result<Vec<Idle>> {
     std::thread::sleep(Duration::from_secs(5));
-    let t0 = uc_bench::cpu_secs(pid)?;
+    // Clear the accessed bits of every page, so that `Referenced:` at the end
+    // counts what the window touched.
+    for pid in pids {
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "1")
+            .with_context(|| format!("clearing /proc/{pid}/clear_refs"))?;
+    }
+    let t0: Vec<f64> = pids
+        .iter()
+        .map(|p| uc_bench::cpu_secs(*p))
+        .collect::<Result<_, _>>()?;
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
-    let t1 = uc_bench::cpu_secs(pid)?;
     let wall = start.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(t0)
+        .map(|(pid, t0)| footprint(*pid, t0, wall))
+        .collect()
+}
+
+/// The memory of `pid` now and its CPU since `t0` CPU-seconds, `wall` seconds ago.
+fn footprint(pid: u32, t0: f64, wall: f64) -> anyhow::Result<Idle> {
+    let t1 = uc_bench::cpu_secs(pid)?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     let field = |name: &str| -> anyhow::Result<u64> {
         Ok(rollup
@@ -323,9 +353,27 @@ fn idle(pid: u32, secs: u64) -> anyhow::Result<Idle> {
             .with_context(|| format!("no {name} in smaps_rollup"))?
             .parse()?)
     };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let code_kb = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (range, perms, path) = (f.first()?, f.get(1)?, f.get(5)?);
+            if !perms.contains('x') || std::path::Path::new(path) != exe {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let b = u64::from_str_radix(b, 16).ok()?;
+            Some((b - a) / 1024)
+        })
+        .sum();
     Ok(Idle {
         rss_kb: field("Rss:")?,
         anon_kb: field("Anonymous:")?,
+        referenced_kb: field("Referenced:")?,
+        code_kb,
         cpu_percent: (t1 - t0) / wall * 100.0,
     })
 }
@@ -543,11 +591,34 @@ fn render(f: &Figures, args: &Args) -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
+    // The agents inherit the environment, so settings given through it apply.
+    let env = |k: &str| std::env::var(k).ok();
+    let gossip = env("UCD_GOSSIP_INTERVAL_MS")
+        .and_then(|v| v.parse().ok())
+        .map_or(
+            uc_agent::config::DEFAULT_GOSSIP_INTERVAL,
+            Duration::from_millis,
+        );
+    let phi: f64 = env("UCD_FAILURE_PHI")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(uc_agent::config::DEFAULT_PHI);
+    let settings = if env("UCD_GOSSIP_INTERVAL_MS").is_some() || env("UCD_FAILURE_PHI").is_some() {
+        "set through UCD_GOSSIP_INTERVAL_MS / UCD_FAILURE_PHI"
+    } else {
+        "the defaults"
+    };
+    let profile = args
+        .bin_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("?");
     s.push_str("<!-- spine:begin -->\n## Spine: membership and state propagation (issue 2)\n\n");
     s.push_str(&format!(
-        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: release build, default settings (gossip every 300 ms, dead after phi 6); its gossip and sync travel inside its WireGuard mesh (userspace, one thread per agent), Serf's over the bare link. Serf: Debian's `serf` with default LAN settings.\n\n",
+        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: {profile} build, gossip every {} ms, dead after phi {} ({settings}); its gossip and sync travel inside its WireGuard mesh (userspace, one thread per agent), Serf's over the bare link. Serf: Debian's `serf` with default LAN settings.\n\n",
         uc_bench::date_utc(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        gossip.as_millis(),
+        phi,
     ));
     s.push_str(&format!(
         "### Propagation: a write on one machine visible on every machine ({} writes per size; writers rotate)\n\n",
@@ -588,20 +659,26 @@ fn render(f: &Figures, args: &Args) -> String {
     }
     if let Some((u, sf)) = f.idle {
         s.push_str(&format!(
-            "### Idle agent with 3 peers ({} s)\n\n| | RSS | of which anonymous (heap, stacks) | of which file pages (code) | CPU (share of one core) |\n|---|---|---|---|---|\n| ucd | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} % |\n| Serf | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} % |\n| ratio ucd/Serf | {:.2} | {:.2} | {:.2} | {:.2} |\n\nFile pages are the program's code and data as mapped from its binary, shared by every process running it (the 4 agents here); ucd is one binary for everything (mesh, DNS, ingress, workloads, ACME), 25 MB of code.\n\n",
+            "### Idle agent with 3 peers ({} s)\n\n| | RSS | of which anonymous (heap, stacks) | of which file pages (code) | touched in the window | CPU (share of one core) |\n|---|---|---|---|---|---|\n| ucd | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} % |\n| Serf | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} % |\n| ratio ucd/Serf | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\nFile pages are the program's code and data as mapped from its binary, shared by every process running it (the 4 agents here). Both clusters run at once in the same namespaces, and both agents are measured over the same window. The kernel maps code around every page a program first runs, 64 KB at a time, and a page stays counted until memory runs short. ucd is one binary for everything (mesh, DNS, ingress, workloads, ACME): {:.1} MB of code, against Serf's {:.1} MB. Touched in the window: the pages, anonymous or mapped, the process used during the {} s (its working set), from the accessed bits cleared at the start (`/proc/PID/clear_refs`).\n\n",
             args.idle_secs,
             mb(u.rss_kb),
             mb(u.anon_kb),
             mb(u.rss_kb.saturating_sub(u.anon_kb)),
+            mb(u.referenced_kb),
             u.cpu_percent,
             mb(sf.rss_kb),
             mb(sf.anon_kb),
             mb(sf.rss_kb.saturating_sub(sf.anon_kb)),
+            mb(sf.referenced_kb),
             sf.cpu_percent,
             u.rss_kb as f64 / sf.rss_kb as f64,
             u.anon_kb as f64 / sf.anon_kb as f64,
             u.rss_kb.saturating_sub(u.anon_kb) as f64 / sf.rss_kb.saturating_sub(sf.anon_kb) as f64,
-            u.cpu_percent / sf.cpu_percent
+            u.referenced_kb as f64 / sf.referenced_kb as f64,
+            u.cpu_percent / sf.cpu_percent,
+            mb(u.code_kb),
+            mb(sf.code_kb),
+            args.idle_secs,
         ));
     }
     s.push_str("<!-- spine:end -->");
