@@ -104,8 +104,12 @@ pub async fn start(
     let gossip_addr = SocketAddr::new(mesh_ip, cfg.gossip_port);
     let chitchat_id = ChitchatId::new(node.machine_id.to_string(), now_ms(), gossip_addr);
     // Seeds: every other machine's management address (gossip runs inside the mesh).
-    let addressing =
-        node.read(|doc| uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network()));
+    let (addressing, network) = node.read(|doc| {
+        (
+            uc_mesh::MeshAddressing::new(&doc.cluster_id(), doc.network()),
+            doc.network(),
+        )
+    });
     let mut seeds: Vec<String> = others_active(&node)
         .into_iter()
         .map(|id| SocketAddr::new(addressing.management(id.as_str()).into(), cfg.gossip_port))
@@ -113,15 +117,14 @@ pub async fn start(
         .collect();
     seeds.sort();
     seeds.dedup();
-    let protocol = protocol_for(node.read(|doc| doc.network()));
     let config = chitchat_config(
         chitchat_id,
         node.cluster_id.clone(),
         gossip_interval,
-        cfg.failure_phi,
+        phi,
         gossip_addr,
         seeds,
-        protocol,
+        protocol_for(network),
     );
     let kvs = vec![
         (KEY_HEADS.to_string(), node.heads()),
