@@ -18,6 +18,7 @@ use std::path::Path;
 fn main() {
     println!("cargo:rerun-if-changed=ucd.order");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
     let target = std::env::var("TARGET").unwrap_or_default();
     let out_dir = std::env::var("OUT_DIR").unwrap_or_default();
     // OUT_DIR is <target dir>/[<triple>/]<profile>/build/<pkg>-<hash>/out.
@@ -28,7 +29,7 @@ fn main() {
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_string();
-    if target != "x86_64-unknown-linux-gnu" || profile != "dist" {
+    if target != "x86_64-unknown-linux-gnu" || profile != "dist" || !links_with_lld() {
         return;
     }
     let order = Path::new(env!("CARGO_MANIFEST_DIR")).join("ucd.order");
@@ -39,4 +40,29 @@ fn main() {
         );
         println!("cargo:rustc-link-arg-bin=ucd=-Wl,--no-warn-symbol-ordering");
     }
+}
+
+/// rustc links x86_64 Linux programs with its own lld from 1.90 on, unless
+/// the build names another linker.
+fn links_with_lld() -> bool {
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if flags.contains("linker")
+        || std::env::var_os("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_some()
+    {
+        return false;
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(out) = std::process::Command::new(rustc).arg("-V").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let version = String::from_utf8_lossy(&out.stdout);
+    let mut parts = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 90)
 }
