@@ -1,8 +1,9 @@
 //! Lays out ucd's code so that what it runs sits together.
 //!
-//! An idle agent runs a few MB of functions spread over all of its 17 MB of
-//! code. The kernel maps a binary's code 64 KB around each page it first
-//! runs, so nearly all of that code stayed resident. `ucd.order` lists the
+//! An agent that starts and idles runs about 5 MB of functions, which the
+//! linker had spread over nearly all of ucd's code. The kernel maps a
+//! binary's code 64 KB around each page it first runs, so nearly all of
+//! that code stayed resident. `ucd.order` lists the
 //! functions that ran in an agent of a local cluster (starting, joining,
 //! answering `uc`, idling; written by `scripts/ucd-order.sh`, most run
 //! first), and the linker places them first.
