@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -157,6 +157,15 @@ struct Shared {
 impl Shared {
     fn lock_outbound(&self) -> MutexGuard<'_, Outbound> {
         self.outbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The outbound path unless another thread is running it.
+    fn try_lock_outbound(&self) -> Option<MutexGuard<'_, Outbound>> {
+        match self.outbound.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
     fn peers(&self) -> std::sync::RwLockReadGuard<'_, Peers> {
@@ -712,7 +721,7 @@ fn inbound(s: &Shared) {
             drop(peers);
             to_tun.flush(s);
             // Unless the out thread is at it already.
-            if let Ok(mut out) = s.outbound.try_lock() {
+            if let Some(mut out) = s.try_lock_outbound() {
                 out.drain(s);
             }
         }
