@@ -614,7 +614,7 @@ fn render(f: &Figures, args: &Args) -> String {
         .unwrap_or("?");
     s.push_str("<!-- spine:begin -->\n## Spine: membership and state propagation (issue 2)\n\n");
     s.push_str(&format!(
-        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: {profile} build, gossip every {} ms, dead after phi {} ({settings}); its gossip and sync travel inside its WireGuard mesh (userspace, one thread per agent), Serf's over the bare link. Serf: Debian's `serf` with default LAN settings.\n\n",
+        "Measured by `bench/spine.sh` on {} ({} cores, {cpu}); ucd and Serf in the same run, in the same network namespaces (one per machine, a bridge in a hub namespace). ucd: {profile} build, gossip every {} ms, dead after phi {} ({settings}); its gossip and sync travel inside its WireGuard mesh (userspace: a receiving, a sending and a timer thread per agent), Serf's over the bare link. Serf: Debian's `serf` with default LAN settings.\n\n",
         uc_bench::date_utc(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         gossip.as_millis(),
